@@ -9,6 +9,7 @@ The loader is generic: any dataclass whose fields are annotated with the support
 Supported field annotations: bool, int, float (an int, or a number written as a string such as `1e-3`,
 which YAML 1.1 reads as a string, is accepted), str, pathlib.Path (from a string), None, `X | None`
 and other unions, `tuple[X, ...]`, `tuple[X, Y]`, `list[X]`, `dict[K, V]`, `Literal[...]`, `typing.Any`
+numpy/JAX dtypes (`jnp.dtype` fields, from names such as `float32` or `bfloat16`)
 and nested dataclasses. Dataclasses may validate combinations in `__post_init__` by raising `ConfigError`
 with the offending field as `key` (relative to the dataclass); the loader prefixes the key path. Any other
 `ValueError`/`TypeError` from a constructor becomes a `ConfigError` naming the section.
@@ -35,6 +36,8 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union
 
+import ml_dtypes
+import numpy as np
 import yaml
 
 from flaxlm.errors import ConfigError
@@ -42,6 +45,7 @@ from flaxlm.errors import ConfigError
 T = TypeVar("T")
 
 _SCALARS = (bool, int, float, str, pathlib.Path)
+_DTYPE_NAMES = {"bfloat16": ml_dtypes.bfloat16}
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 _YAML_ERRORS = (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError)
 _short_repr = reprlib.Repr()
@@ -204,6 +208,14 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     elif tp is type(None):
         if value is None:
             return None
+    elif tp is np.dtype:
+        if isinstance(value, str):
+            try:
+                return np.dtype(_DTYPE_NAMES.get(value, value))
+            except TypeError:
+                raise ConfigError(f"unknown dtype {value!r} (e.g. float32, bfloat16)", key=path) from None
+        if isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
+            return np.dtype(value)
     else:
         raise TypeError(f"{path}: unsupported config annotation {tp!r}")
     raise ConfigError(f"expected {_type_name(tp)}, got {_got(value)}", key=path)
@@ -225,6 +237,10 @@ def _plain(value: Any) -> Any:
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, pathlib.PurePath):
         return str(value)
+    if isinstance(value, np.dtype):
+        return value.name
+    if isinstance(value, type) and hasattr(value, "dtype"):
+        return np.dtype(value.dtype).name
     return value
 
 

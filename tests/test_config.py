@@ -259,3 +259,18 @@ def test_config_error_format_and_pickle():
     assert str(error) == "c.yaml: model.n_layer: expected int"
     assert str(pickle.loads(pickle.dumps(error))) == str(error)
     assert isinstance(error, FlaxlmError) and isinstance(error, ValueError)
+
+
+def test_dtype_fields_load_from_names_and_save_as_names():
+    import jax.numpy as jnp
+
+    @dataclasses.dataclass(frozen=True)
+    class WithDtype:
+        dtype: jnp.dtype = jnp.float32
+
+    loaded = from_dict(WithDtype, {"dtype": "bfloat16"})
+    assert loaded.dtype == jnp.bfloat16
+    assert to_dict(loaded) == {"dtype": "bfloat16"}
+    assert to_dict(WithDtype()) == {"dtype": "float32"}
+    with pytest.raises(ConfigError, match="dtype: unknown dtype 'float99'"):
+        from_dict(WithDtype, {"dtype": "float99"})
