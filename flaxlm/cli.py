@@ -1,0 +1,121 @@
+"""The `flaxlm` command (also `python -m flaxlm`): train, eval, sample, bench.
+
+Every user error (bad config key, missing or malformed data, mismatched checkpoint) prints one line
+`flaxlm: error: ...` and exits with status 2; nothing in the workdir is deleted.
+"""
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+
+from flaxlm.errors import FlaxlmError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flaxlm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or resume) a run")
+    p.add_argument("config", help="YAML experiment config, e.g. configs/char_gpt_cpu.yaml")
+    p.add_argument("--workdir", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+    p = sub.add_parser("eval", help="evaluate a run's latest checkpoint")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--split", default="valid", choices=("valid", "test"))
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. data.test=PATH")
+
+    p = sub.add_parser("sample", help="generate text from a language-model run")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("bench", help="time a config's train step; prints one JSON object")
+    p.add_argument("config")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("overrides", nargs="*")
+    return parser
+
+
+def _default_workdir(config: str) -> pathlib.Path:
+    return pathlib.Path("runs") / pathlib.Path(config).stem
+
+
+def _saved_config(workdir: pathlib.Path, overrides):
+    from flaxlm.experiment import load_experiment
+
+    path = workdir / "config.yaml"
+    if not path.is_file():
+        raise FlaxlmError(f"{path}: no run here (config.yaml missing); train one with `flaxlm train`")
+    return load_experiment(path, overrides)
+
+
+def _restored_run(workdir: pathlib.Path, overrides):
+    """Build a run from a workdir and load its latest checkpoint's parameters."""
+    from flaxlm.checkpoint import restore_params
+    from flaxlm.data.tokenizers import load_tokenizer
+    from flaxlm.trainer import build_run
+
+    cfg = _saved_config(workdir, overrides)
+    tokenizer = load_tokenizer(workdir / "tokenizer.json")
+    run = build_run(cfg, tokenizer)
+    model = restore_params(workdir, run.state.model, tokenizer=tokenizer.to_json())
+    return run, model
+
+
+def _command(args) -> None:
+    if args.command == "train":
+        from flaxlm.experiment import load_experiment
+        from flaxlm.trainer import train
+
+        cfg = load_experiment(args.config, args.overrides)
+        workdir = pathlib.Path(args.workdir) if args.workdir else _default_workdir(args.config)
+        result = train(cfg, workdir, progress=False if args.no_progress else None)
+        print(json.dumps({"workdir": str(workdir), **result}))
+    elif args.command == "eval":
+        from flaxlm.trainer import evaluate
+
+        run, model = _restored_run(pathlib.Path(args.workdir), args.overrides)
+        print(json.dumps({f"{args.split}/{k}": v for k, v in evaluate(run, model, args.split).items()}))
+    elif args.command == "sample":
+        import jax
+        import jax.numpy as jnp
+
+        from flaxlm.decode import sample, validate_sampling
+
+        run, model = _restored_run(pathlib.Path(args.workdir), [])
+        if run.cfg.task != "lm":
+            raise FlaxlmError(f"{args.workdir}: sample needs a language-model run (task: lm), got {run.cfg.task}")
+        tokenizer = run.task.tokenizer
+        prompt = tokenizer.encode(args.prompt)
+        if not prompt:
+            raise FlaxlmError("--prompt encodes to no tokens")
+        validate_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, len(prompt),
+                          model.cfg.block_size)
+        tokens = sample(model, jnp.asarray([prompt], jnp.int32), jax.random.key(args.seed),
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p)
+        print(args.prompt + tokenizer.decode([int(t) for t in tokens[0]]))
+    elif args.command == "bench":
+        from flaxlm.bench import bench
+        from flaxlm.experiment import load_experiment
+
+        print(json.dumps(bench(load_experiment(args.config, args.overrides), args.steps)))
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        _command(args)
+    except (FlaxlmError, ValueError, FloatingPointError) as e:
+        print(f"flaxlm: error: {e}", file=sys.stderr)
+        return 2
+    return 0
