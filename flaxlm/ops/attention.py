@@ -1,0 +1,178 @@
+"""Scaled dot-product attention over JAX-layout tensors: q [B, T, H, D], k/v [B, S, K, D].
+
+Masks are boolean (True = may attend) and biases are additive floats, both broadcastable to [B, H, T, S].
+Grouped-query attention (K < H key/value heads, H % K == 0) shares key/value head k with query heads
+k * G ... k * G + G - 1 (G = H // K), exactly as repeating each key/value head G times along the head axis.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from flaxlm.ops.dropout import dropout
+from flaxlm.ops.masks import causal_mask, combine_masks
+
+_IMPLEMENTATIONS = (None, "xla", "cudnn")
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    is_causal: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
+    return_weights: bool = False,
+    implementation: str | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """softmax(q k^T / sqrt(D) + bias, masked) v, per head.
+
+    Args:
+      q: queries [B, T, H, D].
+      k: keys [B, S, K, D], with H % K == 0 (grouped-query attention when K < H).
+      v: values [B, S, K, Dv].
+      mask: bool, broadcastable to [B, H, T, S] (rank 2 to 4; missing leading axes count as 1). True = attend.
+        Query rows with no key to attend to give exactly zero output (and zero weights).
+      bias: float, broadcastable to [B, H, T, S] (rank 2 to 4), added to the scaled logits.
+      is_causal: query t attends to keys s <= t (top-left aligned when T != S, as torch's `is_causal`).
+      dropout_rate: probability of dropping each attention weight (inverted scaling), as torch does.
+      dropout_key: PRNG key for the dropout; None disables it (evaluation mode).
+      return_weights: also return the attention weights [B, H, T, S] (after dropout, as torch returns them).
+      implementation: None picks cuDNN flash attention on GPU for bf16/fp16 inputs when no dropout or weights are
+        requested and the shapes suit it, otherwise the XLA path; 'xla' forces the explicit einsum path; 'cudnn'
+        forces cuDNN (ValueError when the request cannot run there).
+
+    Logits and softmax are computed in float32 whatever the input dtype; the output has q's dtype.
+
+    Returns:
+      out [B, T, H, Dv], or (out, weights [B, H, T, S]) when return_weights.
+    """
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    _check_qkv(q, k, v)
+    batch, q_len, heads, _ = q.shape
+    kv_len = k.shape[1]
+    target = (batch, heads, q_len, kv_len)
+    mask = _broadcastable(mask, "mask", target)
+    bias = _broadcastable(bias, "bias", target)
+    if mask is not None and mask.dtype != jnp.bool_:
+        raise ValueError(f"mask must be boolean (True = attend), got dtype {mask.dtype}; pass additive masks as bias")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+    use_dropout = dropout_key is not None and dropout_rate > 0.0
+
+    if implementation == "cudnn":
+        reason = _cudnn_unsupported(q, k, v, mask, bias, use_dropout, return_weights, check_backend=False)
+        if reason:
+            raise ValueError(f"implementation='cudnn' cannot run this call: {reason}")
+        try:
+            return _cudnn_attention(q, k, v, mask, bias, is_causal)
+        except (NotImplementedError, RuntimeError) as e:
+            raise ValueError(f"implementation='cudnn' cannot run this call: {e}") from e
+    if implementation is None and not _cudnn_unsupported(q, k, v, mask, bias, use_dropout, return_weights, check_backend=True):
+        try:
+            return _cudnn_attention(q, k, v, mask, bias, is_causal)
+        except (NotImplementedError, ValueError, RuntimeError):
+            pass
+
+    if is_causal:
+        mask = combine_masks(mask, causal_mask(q_len, kv_len)[None, None])
+    out, weights = _xla_attention(q, k, v, mask, bias, dropout_rate if use_dropout else 0.0, dropout_key)
+    if return_weights:
+        return out, weights
+    return out
+
+
+def _check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have shape [B, T|S, heads, head_dim], got {x.shape}")
+    if not q.shape[0] == k.shape[0] == v.shape[0]:
+        raise ValueError(f"batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must agree on [B, S, K]: k {k.shape}, v {v.shape}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k head_dim differ: q {q.shape}, k {k.shape}")
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"query heads must be a multiple of key/value heads: q {q.shape}, k {k.shape}")
+
+
+def _broadcastable(x: jax.Array | None, name: str, target: tuple[int, ...]) -> jax.Array | None:
+    """Left-pads `x` (rank 2..4) to rank 4 and checks it broadcasts to `target` = (B, H, T, S)."""
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    if not 2 <= x.ndim <= 4:
+        raise ValueError(f"{name} must have rank 2 to 4, broadcastable to [B, H, T, S] = {target}, got {x.shape}")
+    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+    if any(m not in (1, t) for m, t in zip(x.shape, target)):
+        raise ValueError(f"{name} of shape {x.shape} is not broadcastable to [B, H, T, S] = {target}")
+    return x
+
+
+def _xla_attention(q, k, v, mask, bias, dropout_rate, dropout_key):
+    """Explicit path. Grouped heads stay as [K, G] so k/v are never repeated in memory."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    qg = q.reshape(batch, q_len, kv_heads, groups, head_dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits.reshape(batch, heads, q_len, kv_len) * (1.0 / math.sqrt(head_dim))
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        weights = jnp.where(mask, weights, 0.0)
+    weights = dropout(weights, dropout_rate, dropout_key)
+    wg = weights.astype(v.dtype).reshape(batch, kv_heads, groups, q_len, kv_len)
+    out = jnp.einsum("bkgts,bskd->btkgd", wg, v, preferred_element_type=jnp.float32)
+    out = out.reshape(batch, q_len, heads, v.shape[-1]).astype(q.dtype)
+    return out, weights.astype(q.dtype)
+
+
+def _cudnn_unsupported(q, k, v, mask, bias, use_dropout, return_weights, *, check_backend) -> str:
+    """Why cuDNN flash attention cannot serve this call ('' when it can)."""
+    if check_backend and jax.default_backend() != "gpu":
+        return "not on a GPU backend"
+    if use_dropout:
+        return "attention dropout is only implemented on the XLA path"
+    if return_weights:
+        return "cuDNN does not return attention weights"
+    if not q.dtype == k.dtype == v.dtype or q.dtype not in _CUDNN_DTYPES:
+        return f"q/k/v must share a bf16/fp16 dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if v.shape[-1] != q.shape[-1]:
+        return f"v head_dim must equal q head_dim: q {q.shape}, v {v.shape}"
+    head_dim = q.shape[-1]
+    if head_dim % 8 != 0 or head_dim > 128:
+        return f"head_dim must be a multiple of 8 and <= 128, got {head_dim}"
+    if (mask is not None or bias is not None) and (q.shape[1] % 2 or k.shape[1] % 2):
+        return f"masked or biased cuDNN attention needs even T and S, got T={q.shape[1]}, S={k.shape[1]}"
+    return ""
+
+
+def _cudnn_attention(q, k, v, mask, bias, is_causal):
+    """cuDNN flash attention through jax.nn; masks become full-length [.., T, S] and empty rows are zeroed."""
+    batch, q_len, heads, _ = q.shape
+    kv_len = k.shape[1]
+    kernel_causal = is_causal and q_len == kv_len
+    full_mask = combine_masks(mask, causal_mask(q_len, kv_len)[None, None] if is_causal else None)
+    kernel_mask = full_mask if not kernel_causal else mask
+    if kernel_mask is not None:
+        kernel_mask = jnp.broadcast_to(kernel_mask, kernel_mask.shape[:2] + (q_len, kv_len))
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, bias.shape[:2] + (q_len, kv_len)).astype(q.dtype)
+    out = jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=kernel_mask, is_causal=kernel_causal, implementation="cudnn"
+    )
+    if full_mask is not None:
+        row_valid = jnp.broadcast_to(jnp.any(full_mask, axis=-1), (batch, heads, q_len))
+        out = jnp.where(row_valid.transpose(0, 2, 1)[..., None], out, jnp.zeros((), out.dtype))
+    return out
