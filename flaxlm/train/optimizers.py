@@ -31,7 +31,7 @@ from flaxlm.train.schedules import ScheduleConfig, make_schedule
 
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
 WEIGHT_DECAY_MODES = ("coupled_l2", "decoupled")
-DECAY_MASKS = ("default", "all")
+DECAY_MASKS = ("default", "matrices", "all")
 _EXCLUDED_NAMES = ("bias", "scale")
 
 
@@ -104,6 +104,20 @@ def _decays(names: tuple[str, ...], rank: int) -> bool:
     return not any("embed" in name or "norm" in name for name in lowered)
 
 
+def _own_ranks(params, decide):
+    """Map `decide(names, own_rank)` over params; the own rank counts logical axis names when present."""
+
+    def one(path, leaf):
+        names = path_names(path)
+        if _is_variable(leaf):
+            logical = leaf.get_metadata().get("out_sharding")
+            rank = len(logical) if logical else leaf.get_value().ndim
+            return jax.tree.map(lambda _: decide(names, rank), leaf)
+        return decide(tuple(n for n in names if n != "value"), leaf.ndim)
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_variable)
+
+
 def default_decay_mask(params):
     """Bool tree (same structure as `params`): True where weight decay applies.
 
@@ -115,16 +129,12 @@ def default_decay_mask(params):
     'embedding', position embeddings) and every parameter inside a norm module are excluded. In short:
     weight matrices (kernels) decay; biases, norm scales and embeddings do not.
     """
+    return _own_ranks(params, _decays)
 
-    def decide(path, leaf):
-        names = path_names(path)
-        if _is_variable(leaf):
-            logical = leaf.get_metadata().get("out_sharding")
-            rank = len(logical) if logical else leaf.get_value().ndim
-            return jax.tree.map(lambda _: _decays(names, rank), leaf)
-        return _decays(tuple(n for n in names if n != "value"), leaf.ndim)
 
-    return jax.tree_util.tree_map_with_path(decide, params, is_leaf=_is_variable)
+def matrices_decay_mask(params):
+    """nanoGPT's rule: every parameter of own rank >= 2 decays (kernels AND embedding tables)."""
+    return _own_ranks(params, lambda names, rank: rank >= 2)
 
 
 def _direction(config: OptimizerConfig) -> optax.GradientTransformation:
@@ -141,10 +151,10 @@ def make_optimizer(
     """The Optax transform described by `config` (see the module docstring for the order of steps).
 
     `decay_mask(params) -> bool tree` overrides `config.decay_mask` ('default': `default_decay_mask`,
-    'all': every parameter decays).
+    'matrices': `matrices_decay_mask` (nanoGPT's), 'all': every parameter decays).
     """
-    if decay_mask is None and config.decay_mask == "default":
-        decay_mask = default_decay_mask
+    if decay_mask is None:
+        decay_mask = {"default": default_decay_mask, "matrices": matrices_decay_mask}.get(config.decay_mask)
     mode = config.resolved_weight_decay_mode
     schedule = config.schedule
     constant = schedule.kind == "constant" and schedule.warmup_steps == 0

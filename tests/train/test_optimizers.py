@@ -11,6 +11,7 @@ from flax import nnx
 
 from flaxlm.ops.losses import path_names
 from flaxlm.train import OptimizerConfig, default_decay_mask, make_optimizer
+from flaxlm.train.optimizers import matrices_decay_mask
 from tiny_lm import make_model
 
 LR, WD = 0.01, 0.1
@@ -48,6 +49,11 @@ def test_default_mask_decays_kernels_only():
     mask = _flat(default_decay_mask(nnx.state(make_model(0), nnx.Param)))
     assert {name for name, decays in mask.items() if decays} == DECAYED
     assert set(mask) == DECAYED | {"embed/embedding", "norm/scale", "norm/bias", "hidden/bias", "out/bias"}
+
+
+def test_matrices_mask_is_nanogpts_rule_kernels_and_embeddings():
+    mask = _flat(matrices_decay_mask(nnx.state(make_model(0), nnx.Param)))
+    assert {name for name, decays in mask.items() if decays} == DECAYED | {"embed/embedding"}
 
 
 def test_default_mask_uses_logical_rank_for_stacked_layers():
