@@ -1,0 +1,112 @@
+"""TextClassifier: every backbone x pooling runs, padding never leaks, lengths and masks agree."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flaxlm.models.bert import BertConfig
+from flaxlm.models.classifier import POOLINGS, ClassifierConfig, TextClassifier
+
+VOCAB = 13
+TINY_BERT = BertConfig(vocab_size=VOCAB, hidden_size=8, num_layers=2, num_heads=2, intermediate_size=16,
+                       max_position=8, dropout=0.1)
+COMBOS = [(backbone, pooling) for backbone, poolings in POOLINGS.items() for pooling in poolings]
+
+
+def config(backbone: str, pooling: str, **overrides) -> ClassifierConfig:
+    fields = dict(
+        vocab_size=VOCAB, num_classes=3, backbone=backbone, pooling=pooling, embed_dim=8, hidden_size=6,
+        num_layers=2, dropout=0.1, num_filters=4, kernel_sizes=(2, 3), num_heads=2, mlp_dim=16, max_length=8,
+        bert=TINY_BERT if backbone == "bert" else None,
+    )
+    return ClassifierConfig(**{**fields, **overrides})
+
+
+TOKENS = np.array([[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 0, 0, 0, 0], [11, 12, 1, 2, 3, 0, 0]], np.int32)
+LENGTHS = np.array([7, 3, 5], np.int32)
+
+
+@pytest.mark.parametrize("backbone, pooling", COMBOS)
+def test_padding_never_leaks(backbone, pooling):
+    model = TextClassifier(config(backbone, pooling), rngs=nnx.Rngs(0))
+    other_padding = np.where(np.arange(7) < LENGTHS[:, None], TOKENS, 12)
+
+    @jax.jit
+    def run(model):
+        return (
+            model(TOKENS, LENGTHS),
+            model(other_padding, LENGTHS),
+            model(TOKENS[2:, :5]),  # the last row alone, without padding
+        )
+
+    logits, repadded, alone = run(model)
+    assert logits.shape == (3, 3) and logits.dtype == jnp.float32
+    assert np.all(np.isfinite(logits))
+    np.testing.assert_allclose(repadded, logits, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(alone[0], logits[2], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backbone", ["bilstm", "transformer"])
+def test_mask_equals_lengths_and_dropout_follows_the_key(backbone):
+    model = TextClassifier(config(backbone, "mean"), rngs=nnx.Rngs(1))
+    mask = np.arange(7)[None, :] < LENGTHS[:, None]
+    expected = model(TOKENS, LENGTHS)
+    np.testing.assert_allclose(model(TOKENS, mask=mask), expected, atol=1e-6, rtol=0)
+    train = jax.jit(lambda m, k: m(TOKENS, LENGTHS, dropout_key=k))
+    a = train(model, jax.random.key(0))
+    np.testing.assert_array_equal(a, train(model, jax.random.key(0)))
+    assert not np.allclose(a, train(model, jax.random.key(1)))
+    assert not np.allclose(a, expected)
+
+
+def test_bilstm_last_joins_forward_end_and_backward_start():
+    model = TextClassifier(config("bilstm", "last", num_layers=1), rngs=nnx.Rngs(2))
+    x = model.embed(TOKENS)
+    outputs = model.backbone(x, seq_lengths=LENGTHS)
+    hidden = model.cfg.hidden_size
+    rows = np.arange(3)
+    expected = np.concatenate([outputs[rows, LENGTHS - 1, :hidden], outputs[:, 0, hidden:]], axis=-1)
+    features = model._features(jnp.asarray(TOKENS), None, jnp.arange(7) < LENGTHS[:, None], LENGTHS, None)
+    np.testing.assert_allclose(features, expected, atol=1e-6, rtol=0)
+
+
+def test_gradients_flow_to_every_parameter():
+    model = TextClassifier(config("transformer", "cls"), rngs=nnx.Rngs(3))
+    grads = jax.grad(lambda m: m(TOKENS, LENGTHS).sum())(model)
+    norms = {jax.tree_util.keystr(p): float(jnp.abs(g).sum()) for p, g in jax.tree.leaves_with_path(grads)}
+    assert norms and all(v > 0 for v in norms.values()), norms
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(backbone="gpt"), "ClassifierConfig.backbone"),
+        (dict(pooling="cls"), "ClassifierConfig.pooling"),
+        (dict(backbone="cnn", pooling="mean"), "ClassifierConfig.pooling"),
+        (dict(num_classes=0), "ClassifierConfig.num_classes"),
+        (dict(kernel_sizes=()), "ClassifierConfig.kernel_sizes"),
+        (dict(num_heads=3), "ClassifierConfig.num_heads"),
+        (dict(dropout=1.0), "ClassifierConfig.dropout"),
+        (dict(backbone="bert", pooling="cls"), "ClassifierConfig.bert"),
+        (dict(backbone="bert", pooling="cls", bert=dataclasses.replace(TINY_BERT, vocab_size=99)),
+         "ClassifierConfig.vocab_size"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, field):
+    base = dict(vocab_size=VOCAB, num_classes=3, backbone="lstm", pooling="last")
+    with pytest.raises(ValueError, match=field):
+        ClassifierConfig(**{**base, **overrides})
+
+
+def test_bad_inputs_are_rejected():
+    model = TextClassifier(config("gru", "last"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="lengths must have shape"):
+        model(TOKENS, LENGTHS[:2])
+    with pytest.raises(ValueError, match="at most one of lengths and mask"):
+        model(TOKENS, LENGTHS, mask=TOKENS > 0)
+    with pytest.raises(ValueError, match="token_types"):
+        model(TOKENS, LENGTHS, token_types=np.zeros_like(TOKENS))
