@@ -1,7 +1,8 @@
 """The `flaxlm` command (also `python -m flaxlm`): train, eval, sample, bench.
 
 Every user error (bad config key, missing or malformed data, mismatched checkpoint) prints one line
-`flaxlm: error: ...` and exits with status 2; nothing in the workdir is deleted.
+`flaxlm: error: ...` and exits with status 2; nothing in the workdir is deleted. Ctrl-C outside the training
+loop exits with status 130 (inside it, training stops after the current step and saves a checkpoint).
 """
 
 import argparse
@@ -94,7 +95,10 @@ def _command(args) -> None:
         if run.cfg.task != "lm":
             raise FlaxlmError(f"{args.workdir}: sample needs a language-model run (task: lm), got {run.cfg.task}")
         tokenizer = run.task.tokenizer
-        prompt = tokenizer.encode(args.prompt)
+        try:
+            prompt = tokenizer.encode(args.prompt)
+        except FlaxlmError as e:
+            raise FlaxlmError(f"--prompt: {e}") from None
         if not prompt:
             raise FlaxlmError("--prompt encodes to no tokens")
         validate_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, len(prompt),
@@ -110,12 +114,26 @@ def _command(args) -> None:
         print(json.dumps(bench(load_experiment(args.config, args.overrides), args.steps)))
 
 
+def _parse(argv) -> argparse.Namespace:
+    """Parse the command line; `key=value` overrides may come before or after the options."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = args.overrides + extra
+    return args
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         _command(args)
     except (FlaxlmError, ValueError, FloatingPointError) as e:
         print(f"flaxlm: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("flaxlm: interrupted", file=sys.stderr)
+        return 130
     return 0

@@ -11,12 +11,19 @@ from flaxlm.errors import FlaxlmError
 
 
 class MetricsLog:
-    """Append-only metrics of one workdir: `log(step, {name: float})` writes a JSONL line and TB scalars."""
+    """Append-only metrics of one workdir: `log(step, {name: float})` writes a JSONL line and TB scalars.
+
+    A context manager (closing the file and the TensorBoard writer). A resumed run's rows for steps after
+    its checkpoint repeat earlier steps: the last row of a step is the one that counts.
+    """
 
     def __init__(self, workdir: pathlib.Path, tensorboard: bool = True):
         self.path = workdir / "metrics.jsonl"
         try:
+            cut_short = _ends_mid_line(self.path)
             self._file = open(self.path, "a", encoding="utf-8")
+            if cut_short:
+                self._file.write("\n")
         except OSError as e:
             raise FlaxlmError(f"{self.path}: cannot write metrics: {e.strerror or e}") from None
         self._writer = None
@@ -41,6 +48,21 @@ class MetricsLog:
         self._file.close()
         if self._writer is not None:
             self._writer.close()
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _ends_mid_line(path: pathlib.Path) -> bool:
+    """Whether `path` ends in a line cut short (a killed run): the next row must start on a new line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) != b"\n"
 
 
 def _finite_or_none(value):

@@ -16,6 +16,14 @@ from flaxlm.models.classifier import ClassifierConfig, TextClassifier
 from flaxlm.ops.losses import softmax_cross_entropy
 
 
+def _check_labels(rows, num_classes: int) -> None:
+    """DataError naming the file and line of the first label outside [0, num_classes)."""
+    for label, line in zip(rows.labels, rows.lines):
+        if label >= num_classes:
+            raise DataError(f"label {label} is outside the model's {num_classes} classes (model.num_classes)",
+                            rows.path, line)
+
+
 class ClassifyTask:
     """Data, model and loss for `task: classify`.
 
@@ -41,13 +49,15 @@ class ClassifyTask:
         self.tokenizer = tokenizer or train_tokenizer(data.tokenizer, train.texts, **options)
         if self.tokenizer.pad_id is None:
             raise DataError(f"data.tokenizer={data.tokenizer!r} has no padding id; use 'word' or 'bpe'")
-        self.splits = {"train": self._encode(train)}
-        self.splits["valid"] = self._encode(read_tsv_labeled(data.valid))
+        rows = {"train": train, "valid": read_tsv_labeled(data.valid)}
+        seen_classes = max(max(split.labels) for split in rows.values()) + 1
         if data.test is not None:
-            self.splits["test"] = self._encode(read_tsv_labeled(data.test))
-        num_classes = max(max(labels) for _, labels in self.splits.values()) + 1
+            rows["test"] = read_tsv_labeled(data.test)
         self.model_config = model_config(ClassifierConfig, cfg.model, vocab_size=self.tokenizer.vocab_size,
-                                         num_classes=cfg.model.get("num_classes", max(2, num_classes)))
+                                         num_classes=cfg.model.get("num_classes", max(2, seen_classes)))
+        for split in rows.values():
+            _check_labels(split, self.model_config.num_classes)
+        self.splits = {name: self._encode(split) for name, split in rows.items()}
         self.tokens_per_batch = data.batch_size * data.bucket_boundaries[-1]
 
     def _encode(self, rows):

@@ -35,13 +35,16 @@ class LMTask:
         self.cfg = cfg
         data = cfg.data
         text = default_corpus_text() if data.train == "default" else read_text(data.train)
+        train_name = "default corpus" if data.train == "default" else data.train
         if data.valid is None:
             cut = int(len(text) * (1.0 - data.valid_fraction))
-            train_text, valid_text = text[:cut], text[cut:]
+            train_text, valid_text, valid_name = text[:cut], text[cut:], train_name
         else:
-            train_text, valid_text = text, read_text(data.valid)
-        self.tokenizer = tokenizer or train_tokenizer(data.tokenizer, train_text, **_tokenizer_options(cfg))
-        self.splits = {"train": self._encode(train_text, data.train), "valid": self._encode(valid_text, data.valid)}
+            train_text, valid_text, valid_name = text, read_text(data.valid), data.valid
+        # Like nanoGPT's prepare.py, characters come from the whole file: a split must not hit an unseen one.
+        vocab_text = text if data.tokenizer == "char" and data.valid is None else train_text
+        self.tokenizer = tokenizer or train_tokenizer(data.tokenizer, vocab_text, **_tokenizer_options(cfg))
+        self.splits = {"train": self._encode(train_text, train_name), "valid": self._encode(valid_text, valid_name)}
         if data.test is not None:
             self.splits["test"] = self._encode(read_text(data.test), data.test)
         self.model_config = model_config(GPTConfig, cfg.model, vocab_size=self.tokenizer.vocab_size,
@@ -54,10 +57,10 @@ class LMTask:
         try:
             ids = np.asarray(self.tokenizer.encode(text), np.int32)
         except DataError as e:
-            raise DataError(f"does not match the tokenizer: {e.message}", path or "default corpus") from None
+            raise DataError(f"does not match the tokenizer: {e.message}", path) from None
         if len(ids) <= self.cfg.data.block_size:
             raise DataError(f"has {len(ids)} tokens, fewer than block_size + 1 = {self.cfg.data.block_size + 1}",
-                            path or "default corpus")
+                            path)
         return ids
 
     def make_model(self, rngs) -> GPT:
