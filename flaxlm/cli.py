@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate text from a language-model run")
     p.add_argument("--workdir", required=True)
     p.add_argument("--prompt", default="\n")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate (default: fill the model's context after the prompt)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -101,6 +102,8 @@ def _command(args) -> None:
             raise FlaxlmError(f"--prompt: {e}") from None
         if not prompt:
             raise FlaxlmError("--prompt encodes to no tokens")
+        if args.max_new_tokens is None:
+            args.max_new_tokens = max(1, model.cfg.block_size - len(prompt))
         validate_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, len(prompt),
                           model.cfg.block_size)
         tokens = sample(model, jnp.asarray([prompt], jnp.int32), jax.random.key(args.seed),

@@ -163,6 +163,8 @@ def test_sample_greedy_is_deterministic(trained, capsys):
     assert outputs[0].startswith("The ") and len(outputs[0].rstrip("\n")) == len("The ") + 8
     fails(capsys, ["sample", "--workdir", workdir, "--top-p", "1.5"], "--top-p")
     fails(capsys, ["sample", "--workdir", workdir, "--prompt", "The ", "--max-new-tokens", "13"], "block_size 16")
+    assert cli.main(["sample", "--workdir", str(workdir), "--prompt", "The ", "--temperature", "0"]) == 0
+    assert len(capsys.readouterr().out.rstrip("\n")) == 16, "default --max-new-tokens fills the context"
 
 
 def test_bench_prints_one_json_object(files, capsys):
