@@ -358,16 +358,8 @@ def restore_params(
     `clf.encoder = restore_params(path, clf.encoder)`.
     """
     _check_version_policy(version_check)
-    directory, step = _locate(pathlib.Path(workdir_or_path), step)
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    manager = _open_manager(directory, options, ocp.PyTreeCheckpointHandler())
+    manager, directory, step = _open_read_only(workdir_or_path, step)
     try:
-        if step is None:
-            step = manager.latest_step()
-            if step is None:
-                raise CheckpointError(f"{directory}: no finalized checkpoint to restore")
-        elif step not in manager.all_steps():
-            raise CheckpointError(f"{directory}: no finalized checkpoint for step {step}")
         meta = _read_meta(manager, step, directory)
         _check_meta(meta, directory, step, version_check, _tokenizer_fingerprint(tokenizer))
         root = (MODEL_KEY,) + (tuple(prefix.strip("/").split("/")) if prefix else ())
@@ -402,17 +394,27 @@ def load_metadata(workdir_or_path: str | os.PathLike, *, step: int | None = None
 
     `workdir_or_path` is as for `restore_params`; `step` defaults to the latest finalized step.
     """
-    directory, step = _locate(pathlib.Path(workdir_or_path), step)
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    manager = _open_manager(directory, options, ocp.PyTreeCheckpointHandler())
+    manager, directory, step = _open_read_only(workdir_or_path, step)
     try:
-        if step is None:
-            step = manager.latest_step()
-            if step is None:
-                raise CheckpointError(f"{directory}: no finalized checkpoint")
         return _read_meta(manager, step, directory)
     finally:
         manager.close()
+
+
+def _open_read_only(workdir_or_path, step: int | None) -> tuple[ocp.CheckpointManager, pathlib.Path, int]:
+    """A read-only manager on a workdir/checkpoints/step path and the finalized step to read (default: latest)."""
+    directory, step = _locate(pathlib.Path(workdir_or_path), step)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    manager = _open_manager(directory, options, ocp.PyTreeCheckpointHandler())
+    if step is None:
+        step = manager.latest_step()
+        if step is None:
+            manager.close()
+            raise CheckpointError(f"{directory}: no finalized checkpoint to restore")
+    elif step not in manager.all_steps():
+        manager.close()
+        raise CheckpointError(f"{directory}: no finalized checkpoint for step {step}")
+    return manager, directory, step
 
 
 # ---------------------------------------------------------------------------------------------- directories
