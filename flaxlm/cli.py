@@ -6,6 +6,7 @@ loop exits with status 130 (inside it, training stops after the current step and
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import pathlib
@@ -66,6 +67,7 @@ def _restored_run(workdir: pathlib.Path, overrides):
     from flaxlm.trainer import build_run
 
     cfg = _saved_config(workdir, overrides)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=None))
     tokenizer = load_tokenizer(workdir / "tokenizer.json")
     run = build_run(cfg, tokenizer)
     model = restore_params(workdir, run.state.model, tokenizer=tokenizer.to_json())

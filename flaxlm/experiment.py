@@ -1,7 +1,8 @@
 """The experiment schema: what a `configs/*.yaml` file holds, as typed frozen dataclasses.
 
-    task: lm | classify
-    model: {...}        # fields of the task's model config (GPTConfig, ClassifierConfig)
+    task: lm | classify | translate | mlm
+    model: {...}        # fields of the task's model config (GPTConfig, ClassifierConfig, Seq2SeqConfig or
+                        # TransformerConfig, BertConfig)
     data: {...}         # DataConfig
     optim: {...}        # flaxlm.train.optimizers.OptimizerConfig (with its `schedule`)
     train: {...}        # TrainConfig
@@ -26,6 +27,9 @@ class DataConfig:
 
     `train` is a file path, or "default" for the embedded corpus (LM only). For LM with no `valid` file,
     the last `valid_fraction` of the train text is the validation split (nanoGPT's 90/10 split).
+    Translation: `train`/`valid`/`test` are path prefixes and the files are `PREFIX.LANG` or `PREFIX.LANG.gz`
+    for `source_lang` and `target_lang` (fairseq's layout). Masked LM: `extra_text` lists more unlabeled
+    text files; `mask_prob` of the tokens are chosen for prediction.
     """
 
     train: str = "default"
@@ -42,10 +46,16 @@ class DataConfig:
     overlong: Literal["truncate", "reject"] = "truncate"
     label_fraction: float = 1.0
     eval_batch_size: int = 64
+    source_lang: str | None = None
+    target_lang: str | None = None
+    extra_text: tuple[str, ...] = ()
+    mask_prob: float = 0.15
 
     def __post_init__(self):
         if not 0.0 < self.valid_fraction < 1.0:
             raise ConfigError(f"must be in (0, 1), got {self.valid_fraction}", key="valid_fraction")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ConfigError(f"must be in (0, 1), got {self.mask_prob}", key="mask_prob")
         if not 0.0 < self.label_fraction <= 1.0:
             raise ConfigError(f"must be in (0, 1], got {self.label_fraction}", key="label_fraction")
         for name in ("batch_size", "block_size", "max_length", "eval_batch_size", "vocab_size", "min_count"):
@@ -58,7 +68,11 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The training loop: length, evaluation, logging, checkpoints and fault policy."""
+    """The training loop: length, evaluation, logging, checkpoints and fault policy.
+
+    `init_from` is the workdir of another run (e.g. masked-LM pretraining) whose latest checkpoint gives the
+    initial parameters of the parts the task knows how to transfer (params only; optimizer state is fresh).
+    """
 
     steps: int = 2000
     seed: int = 1337
@@ -72,6 +86,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     progress: bool = True
+    init_from: str | None = None
 
     def __post_init__(self):
         for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "grad_accum_steps"):
@@ -85,7 +100,7 @@ class TrainConfig:
 class ExperimentConfig:
     """One training run. `model` is checked against the task's model config when the task is built."""
 
-    task: Literal["lm", "classify"] = "lm"
+    task: Literal["lm", "classify", "translate", "mlm"] = "lm"
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)

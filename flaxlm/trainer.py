@@ -56,6 +56,10 @@ def build_run(cfg: ExperimentConfig, tokenizer=None) -> Run:
     except ValueError as e:
         raise ConfigError(str(e), key="mesh") from None
     model = task.make_model(nnx.Rngs(cfg.train.seed))
+    if cfg.train.init_from is not None:
+        if not hasattr(task, "load_pretrained"):
+            raise ConfigError(f"task {cfg.task!r} cannot start from another run's parameters", key="train.init_from")
+        model = task.load_pretrained(model, cfg.train.init_from)
     state = shard_state(TrainState.create(model, make_optimizer(cfg.optim), cfg.train.seed + 1), mesh)
     dtype = COMPUTE_DTYPES[cfg.train.compute_dtype]
     train_step = make_train_step(task.loss_fn, mesh=mesh, grad_accum_steps=cfg.train.grad_accum_steps,
@@ -79,6 +83,8 @@ def evaluate(run: Run, model, split: str, max_batches: int | None = None) -> dic
     out = {"loss": totals["loss_sum"] / totals["tokens"]}
     if "correct" in totals:
         out["accuracy"] = totals["correct"] / totals["tokens"]
+    if hasattr(run.task, "extra_metrics"):
+        out.update(run.task.extra_metrics(model, split))
     return out
 
 
