@@ -21,7 +21,7 @@ from flaxlm.nn.cnn import Conv1DTextEncoder
 from flaxlm.nn.embeddings import Embed, PositionEmbedding
 from flaxlm.nn.recurrent import RNN
 from flaxlm.nn.transformer import TransformerEncoder, TransformerEncoderLayer
-from flaxlm.ops.dropout import dropout
+from flaxlm.ops.dropout import dropout, word_dropout
 
 RECURRENT = {"rnn": ("rnn", False), "lstm": ("lstm", False), "gru": ("gru", False), "bilstm": ("lstm", True)}
 POOLINGS = {
@@ -39,7 +39,8 @@ class ClassifierConfig:
     hidden_size: recurrent state per direction. num_layers: recurrent or transformer layers.
     num_filters, kernel_sizes: 'cnn'. num_heads, mlp_dim, max_length, positions, norm_first: 'transformer'
     (its width is embed_dim). dropout: before the output layer, between recurrent layers and inside transformer
-    layers.
+    layers. embed_dropout: dropout on the token embeddings; word_dropout: probability of zeroing a whole token's
+    embedding (both before the backbone, training only, not for 'bert').
     """
 
     vocab_size: int
@@ -50,6 +51,8 @@ class ClassifierConfig:
     hidden_size: int = 128
     num_layers: int = 1
     dropout: float = 0.0
+    embed_dropout: float = 0.0
+    word_dropout: float = 0.0
     num_filters: int = 100
     kernel_sizes: tuple[int, ...] = (3, 4, 5)
     num_heads: int = 4
@@ -82,8 +85,9 @@ class ClassifierConfig:
             )
         if self.positions not in ("learned", "sinusoidal"):
             raise ValueError(f"ClassifierConfig.positions must be 'learned' or 'sinusoidal', got {self.positions!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ClassifierConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "embed_dropout", "word_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ClassifierConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if (self.backbone == "bert") != (self.bert is not None):
             raise ValueError("ClassifierConfig.bert must be a BertConfig exactly when backbone='bert', got "
                              f"backbone={self.backbone!r}, bert={self.bert!r}")
@@ -169,7 +173,9 @@ class TextClassifier(nnx.Module):
         if backbone == "bert":
             hidden = self.backbone(tokens, token_types, mask=valid, dropout_key=key)
             return self.backbone.pool(hidden) if pooling == "cls" else pool(hidden, valid, lengths, pooling)
-        x = self.embed(tokens)
+        embed_key, word_key, key = (None,) * 3 if key is None else jax.random.split(key, 3)
+        x = word_dropout(dropout(self.embed(tokens), self.cfg.embed_dropout, embed_key), self.cfg.word_dropout,
+                         word_key)
         if backbone == "cnn":
             return self.backbone(x, seq_lengths=lengths)
         if backbone == "transformer":

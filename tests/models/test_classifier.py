@@ -63,6 +63,16 @@ def test_mask_equals_lengths_and_dropout_follows_the_key(backbone):
     assert not np.allclose(a, expected)
 
 
+@pytest.mark.parametrize("backbone", ["bilstm", "cnn"])
+def test_embedding_and_word_dropout_act_in_training_only(backbone):
+    plain = TextClassifier(config(backbone, "max"), rngs=nnx.Rngs(1))
+    noisy = TextClassifier(dataclasses.replace(config(backbone, "max"), embed_dropout=0.3, word_dropout=0.3),
+                           rngs=nnx.Rngs(1))
+    np.testing.assert_array_equal(noisy(TOKENS, LENGTHS), plain(TOKENS, LENGTHS))
+    key = jax.random.key(0)
+    assert not np.allclose(noisy(TOKENS, LENGTHS, dropout_key=key), plain(TOKENS, LENGTHS, dropout_key=key))
+
+
 def test_bilstm_last_joins_forward_end_and_backward_start():
     model = TextClassifier(config("bilstm", "last", num_layers=1), rngs=nnx.Rngs(2))
     x = model.embed(TOKENS)
@@ -91,6 +101,7 @@ def test_gradients_flow_to_every_parameter():
         (dict(kernel_sizes=()), "ClassifierConfig.kernel_sizes"),
         (dict(num_heads=3), "ClassifierConfig.num_heads"),
         (dict(dropout=1.0), "ClassifierConfig.dropout"),
+        (dict(word_dropout=-0.1), "ClassifierConfig.word_dropout"),
         (dict(backbone="bert", pooling="cls"), "ClassifierConfig.bert"),
         (dict(backbone="bert", pooling="cls", bert=dataclasses.replace(TINY_BERT, vocab_size=99)),
          "ClassifierConfig.vocab_size"),
