@@ -1,4 +1,4 @@
-"""The `flaxlm` command (also `python -m flaxlm`): train, eval, sample, bench.
+"""The `flaxlm` command (also `python -m flaxlm`): train, eval, sample, translate, attention, bench.
 
 Every user error (bad config key, missing or malformed data, mismatched checkpoint) prints one line
 `flaxlm: error: ...` and exits with status 2; nothing in the workdir is deleted. Ctrl-C outside the training
@@ -6,11 +6,13 @@ loop exits with status 130 (inside it, training stops after the current step and
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import pathlib
 import sys
+import warnings
 
 from flaxlm.errors import FlaxlmError
 
@@ -39,6 +41,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("translate", help="translate sentences with a translation run, one per line")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--input", default=None, help="file of source sentences, one per line (default: stdin)")
+    p.add_argument("--output", default=None, help="file for the translations (default: stdout)")
+    p.add_argument("--beam-size", type=int, default=4, help="1 = greedy decoding (default: 4)")
+    p.add_argument("--length-penalty", type=float, default=0.6, help="GNMT length penalty alpha (default: 0.6)")
+
+    p = sub.add_parser(
+        "attention", help="draw a PNG heatmap of attention weights for one sentence",
+        description="Translate runs: cross-attention of the greedy translation (generated target tokens x source "
+                    "tokens; Transformer: one decoder layer, heads averaged; Seq2Seq: needs attention luong or "
+                    "bahdanau). Classify runs with backbone 'transformer': one encoder layer's self-attention.")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--text", required=True, help="the source sentence (translate) or input text (classify)")
+    p.add_argument("--output", default=None, help="PNG path (default: WORKDIR/attention.png)")
+    p.add_argument("--layer", type=int, default=None, help="Transformer layer, from 0 (default: the last)")
 
     p = sub.add_parser("bench", help="time a config's train step; prints one JSON object")
     p.add_argument("config")
@@ -112,11 +131,75 @@ def _command(args) -> None:
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p)
         print(args.prompt + tokenizer.decode([int(t) for t in tokens[0]]))
+    elif args.command == "translate":
+        _translate(args)
+    elif args.command == "attention":
+        from flaxlm.attention_plot import attention_map, plot_attention
+
+        workdir = pathlib.Path(args.workdir)
+        run, model = _restored_run(workdir, [])
+        if run.cfg.task not in ("translate", "classify"):
+            raise FlaxlmError(f"{workdir}: attention needs a translate or classify run, got task {run.cfg.task}")
+        output = pathlib.Path(args.output) if args.output else workdir / "attention.png"
+        with _warnings_as_messages():
+            plot_attention(attention_map(run.task, model, args.text, args.layer), output)
+        print(output)
     elif args.command == "bench":
         from flaxlm.bench import bench
         from flaxlm.experiment import load_experiment
 
         print(json.dumps(bench(load_experiment(args.config, args.overrides), args.steps)))
+
+
+@contextlib.contextmanager
+def _warnings_as_messages():
+    """Show warnings raised inside as one line each, `flaxlm: warning: ...`, on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        print(f"flaxlm: warning: {warning.message}", file=sys.stderr)
+
+
+def _read_source_lines(path) -> list[str]:
+    """Lines of --input (or stdin when None), never failing on bytes that are not UTF-8 (they become U+FFFD)."""
+    if path is None:
+        stream = getattr(sys.stdin, "buffer", None)
+        text = stream.read().decode("utf-8", "replace") if stream is not None else sys.stdin.read()
+    else:
+        from flaxlm.data.sources import read_bytes
+
+        file = pathlib.Path(path)
+        data = b"" if file.is_file() and file.stat().st_size == 0 else read_bytes(file)
+        text = data.decode("utf-8", "replace")
+    lines = text.removeprefix("\ufeff").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def _translate(args) -> None:
+    """`flaxlm translate`: one translation per input line (blank lines stay blank) to --output or stdout."""
+    if args.beam_size < 1:
+        raise FlaxlmError(f"--beam-size must be >= 1, got {args.beam_size}")
+    if not args.length_penalty >= 0:
+        raise FlaxlmError(f"--length-penalty must be >= 0, got {args.length_penalty}")
+    lines = _read_source_lines(args.input)
+    workdir = pathlib.Path(args.workdir)
+    run, model = _restored_run(workdir, [])
+    if run.cfg.task != "translate":
+        raise FlaxlmError(f"{workdir}: translate needs a translation run (task: translate), got {run.cfg.task}")
+    with _warnings_as_messages():
+        outputs = run.task.translate(model, lines, beam_size=args.beam_size, length_penalty=args.length_penalty,
+                                     source=args.input or "<stdin>")
+    text = "".join(line + "\n" for line in outputs)
+    if args.output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        pathlib.Path(args.output).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise FlaxlmError(f"{args.output}: cannot write the translations: {e.strerror or e}") from None
 
 
 def _parse(argv) -> argparse.Namespace:

@@ -1,8 +1,10 @@
-"""The `flaxlm` command, run in-process through `flaxlm.cli.main`: what `train` writes, `eval`, `sample` and `bench`,
+"""The `flaxlm` command, run in-process through `flaxlm.cli.main`: what `train` writes, `eval`, `sample`, `bench`,
+`translate` and `attention` (tiny German -> English Transformer and Seq2Seq runs),
 and bad input of every kind: exit status 2, one line `flaxlm: error: ...` naming the file, line or key, and
 nothing already in the workdir changed."""
 
 import contextlib
+import gzip
 import hashlib
 import io
 import json
@@ -332,3 +334,101 @@ def test_unknown_command_line_option_is_a_usage_error(files, capsys):
         cli.main(["train", str(config), "--wokdir", "x"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --wokdir" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ translation runs
+
+PARALLEL = [("ein hund läuft .", "a dog runs ."), ("die katze sitzt im park .", "the cat sits in the park ."),
+            ("der mann spielt ball .", "the man plays ball ."),
+            ("eine frau läuft im wasser .", "a woman runs in the water ."), ("das kind spielt .", "the child plays ."),
+            ("ein mann sitzt .", "a man sits .")]
+TRANSLATE_MODELS = {
+    "transformer": "{arch: transformer, d_model: 16, num_heads: 2, num_encoder_layers: 1, num_decoder_layers: 1, "
+                   "mlp_dim: 32, max_length: 32, share_embeddings: true, label_smoothing: 0.1}",
+    "seq2seq": "{arch: seq2seq, src_embed_dim: 8, tgt_embed_dim: 8, hidden_size: 16, num_layers: 1, "
+               "attention: luong, dropout: 0.1, teacher_forcing_ratio: 0.5}",
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TRANSLATE_MODELS))
+def translate_run(request, tmp_path_factory):
+    """A tiny German -> English run (gzipped target files) trained for 2 steps, and the JSON `train` printed."""
+    root = tmp_path_factory.mktemp(f"translate_{request.param}")
+    (root / "train.de").write_text("".join(s + "\n" for s, _ in PARALLEL), encoding="utf-8")
+    (root / "train.en.gz").write_bytes(gzip.compress("".join(t + "\n" for _, t in PARALLEL).encode("utf-8")))
+    config = root / "translate.yaml"
+    config.write_text(f"""\
+task: translate
+model: {TRANSLATE_MODELS[request.param]}
+data: {{train: {root / 'train'}, valid: {root / 'train'}, source_lang: de, target_lang: en, tokenizer: word,
+        batch_size: 2, bucket_boundaries: [12], max_length: 12, eval_batch_size: 4}}
+optim: {{name: adam, learning_rate: 1.0e-3, clip_norm: 1.0}}
+train: {{steps: 2, log_every: 1, eval_every: 2, checkpoint_every: 2, best_metric: eval/bleu, progress: false}}
+""")
+    workdir = root / "run"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["train", str(config), "--workdir", str(workdir), "--no-progress"]) == 0
+    return request.param, workdir, json.loads(out.getvalue().splitlines()[-1])
+
+
+def test_translate_train_reports_bleu_and_eval_reproduces_it(translate_run, capsys):
+    _, workdir, printed = translate_run
+    rows = metrics_rows(workdir)
+    assert [r["step"] for r in rows] == [1, 2]
+    last = rows[-1]
+    assert 0.0 <= last["eval/bleu"] <= 100.0 and math.isfinite(last["eval/loss"])
+    assert printed["eval/bleu"] == last["eval/bleu"] and "eval/bleu" not in rows[0]
+    assert (workdir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.main(["eval", "--workdir", str(workdir)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["valid/bleu"] == pytest.approx(printed["eval/bleu"], abs=1e-9)
+    assert result["valid/loss"] == pytest.approx(printed["eval/loss"], abs=1e-5)
+
+
+def test_translate_from_stdin_and_file(translate_run, tmp_path, capsys, monkeypatch):
+    _, workdir, _ = translate_run
+    lines = ["ein hund läuft .", "", "der ☃ zebra spielt", "   ", " ".join(["katze"] * 20)]
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    assert cli.main(["translate", "--workdir", str(workdir), "--beam-size", "1"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out.split("\n")
+    assert len(out) == len(lines) + 1 and out[-1] == ""
+    assert out[1] == out[3] == ""
+    assert captured.err.strip().splitlines() == [
+        "flaxlm: warning: <stdin>: truncated 1 sequence(s) to max_length 12 (first at line 5)"]
+
+    source, target = tmp_path / "source.de", tmp_path / "out.en"
+    source.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    argv = ["translate", "--workdir", str(workdir), "--input", str(source), "--output", str(target)]
+    assert cli.main(argv + ["--beam-size", "1"]) == 0
+    assert target.read_text(encoding="utf-8") == captured.out
+    assert cli.main(argv + ["--beam-size", "3", "--length-penalty", "1.0"]) == 0
+    assert len(target.read_text(encoding="utf-8").split("\n")) == len(lines) + 1
+    capsys.readouterr()
+
+
+def test_translate_errors(translate_run, trained, tmp_path, capsys):
+    _, workdir, _ = translate_run
+    fails(capsys, ["translate", "--workdir", workdir, "--beam-size", "0"], "--beam-size must be >= 1")
+    fails(capsys, ["translate", "--workdir", workdir, "--input", tmp_path / "nope.de"], "nope.de", "file not found")
+    source = tmp_path / "source.de"
+    source.write_text("ein hund .\n", encoding="utf-8")
+    fails(capsys, ["translate", "--workdir", trained[0], "--input", source], "translate needs a translation run")
+    fails(capsys, ["attention", "--workdir", trained[0], "--text", "x"], "attention needs a translate or classify run")
+
+
+def test_attention_writes_a_png(translate_run, tmp_path, capsys):
+    arch, workdir, _ = translate_run
+    output = tmp_path / "attention.png"
+    argv = ["attention", "--workdir", str(workdir), "--text", "ein hund läuft .", "--output", str(output)]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.strip() == str(output)
+    data = output.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    if arch == "transformer":
+        fails(capsys, ["attention", "--workdir", workdir, "--text", "ein hund", "--layer", "1"],
+              "--layer 1 is out of range")
+    else:
+        fails(capsys, ["attention", "--workdir", workdir, "--text", "ein hund", "--layer", "0"],
+              "--layer applies to Transformer runs")
