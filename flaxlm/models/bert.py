@@ -163,12 +163,15 @@ class BertMLM(nnx.Module):
         """-> pooled [CLS] features [B, F]."""
         return self.encoder.pool(self.encode(tokens, token_types, lengths, mask=mask, dropout_key=dropout_key))
 
-    def __call__(self, tokens, token_types=None, lengths=None, *, mask=None, dropout_key=None) -> jax.Array:
-        """tokens [B, T] -> masked-LM logits [B, T, V] float32."""
-        hidden = self.encode(tokens, token_types, lengths, mask=mask, dropout_key=dropout_key)
+    def predict(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., F] -> masked-LM logits [..., V] float32 (dense, GELU, LayerNorm, tied embedding + bias)."""
         h = self.mlm_norm(jax.nn.gelu(self.mlm_dense(hidden), approximate=False))
         logits = self.encoder.token_embed.attend(h) + self.mlm_bias[...].astype(h.dtype)
         return logits.astype(jnp.float32)
+
+    def __call__(self, tokens, token_types=None, lengths=None, *, mask=None, dropout_key=None) -> jax.Array:
+        """tokens [B, T] -> masked-LM logits [B, T, V] float32."""
+        return self.predict(self.encode(tokens, token_types, lengths, mask=mask, dropout_key=dropout_key))
 
 
 def mask_tokens(
