@@ -20,7 +20,9 @@ Guarantees:
 - Async: `save` returns once the arrays are copied off the accelerator; files are written in a background
   thread. `wait_until_finished()` (or `close()`) blocks until the last save is on disk; the next `save`
   waits for the previous one. A failed background write surfaces as a `CheckpointError` from the next
-  `save`, `wait_until_finished` or `close`, and older checkpoints are never deleted for a failed one.
+  `save`, `wait_until_finished`, `close` or (without waiting) `check_for_errors`, and older checkpoints are
+  never deleted for a failed one. A write failure (full disk, read-only directory) is that ONE line naming
+  the directory and step: the tracebacks Orbax's threads log for it are dropped (see `_OrbaxErrorRecords`).
 - Retention: the last `max_to_keep` steps are kept, plus the `keep_best` steps with the best value of
   `best_metric` (mode 'min' or 'max') among those saved with that metric: Orbax's `LatestN` and `BestN`
   preservation policies joined by `AnyPreservationPolicy`, so a step survives if either keeps it. Orbax
@@ -44,7 +46,9 @@ import logging
 import math
 import os
 import pathlib
+import sys
 import tempfile
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,6 +62,50 @@ import flaxlm
 from flaxlm.errors import FlaxlmError
 
 logger = logging.getLogger(__name__)
+
+
+class _OrbaxErrorRecords(logging.Filter):
+    """Drops the ERROR records (with tracebacks) that Orbax logs for a failed write or read.
+
+    Every such failure reaches the caller as a one-line CheckpointError, so the multi-page tracebacks
+    Orbax's background threads log through absl (and asyncio's "Task exception was never retrieved" for
+    its aborted writes) would only bury that line; they are kept at DEBUG level on this module's logger.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname or "orbax" in str(record.msg)
+        if record.levelno >= logging.ERROR and from_orbax:
+            logger.debug("orbax: %s", record.getMessage().splitlines()[0])
+            return False
+        return True
+
+
+for _name in ("absl", "asyncio"):
+    logging.getLogger(_name).addFilter(_OrbaxErrorRecords())
+
+_ABORTED_WRITE_NOISE = ("Event loop is closed", "cannot schedule new futures after shutdown")
+
+
+def _drop_aborted_write_noise(previous):
+    """A `sys.unraisablehook` that drops the echoes of Orbax's aborted concurrent writes.
+
+    When one array write fails (full disk), Orbax closes the event loop of its save thread while tensorstore
+    still completes the other writes; their callbacks then hit the closed loop and print "Event loop is
+    closed" tracebacks through `sys.unraisablehook` (the failure itself reaches the caller as a
+    CheckpointError). Any other unraisable exception goes to the `previous` hook.
+    """
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) in _ABORTED_WRITE_NOISE):
+            previous(unraisable)
+
+    return hook
+
+
+sys.unraisablehook = _drop_aborted_write_noise(sys.unraisablehook)
+warnings.filterwarnings("ignore", message=r"coroutine '[^']*(serialize|write)[^']*' was never awaited",
+                        category=RuntimeWarning)
 
 CHECKPOINT_DIR = "checkpoints"
 MODEL_KEY = "model"
@@ -215,6 +263,11 @@ class Checkpointer:
         """Blocks until the last `save` is on disk; raises CheckpointError if it failed."""
         self._raise_pending_error()
 
+    def check_for_errors(self) -> None:
+        """Raises CheckpointError if the last `save` has failed; never waits for one still being written."""
+        if self._pending_step is not None and not self._manager.is_saving_in_progress():
+            self._raise_pending_error()
+
     def close(self) -> None:
         """Waits for the last save (raising CheckpointError if it failed) and releases Orbax's resources."""
         try:
@@ -225,8 +278,13 @@ class Checkpointer:
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except CheckpointError as e:
+            if exc_type is None:
+                raise
+            logger.debug("%s", e)  # the error already on its way out is the one to report
 
     def all_steps(self) -> list[int]:
         """Steps of the finalized checkpoints, ascending (waits for an in-flight save, re-reads the disk)."""
@@ -470,9 +528,28 @@ def _read_meta(manager: ocp.CheckpointManager, step: int, directory: pathlib.Pat
         raise CheckpointError(f"{_step_path(directory, step)}: not a flaxlm checkpoint (no '{_META}' item)")
     restored = _restore(manager, step, ocp.args.Composite(**{_META: ocp.args.JsonRestore()}), directory)
     meta = restored[_META]
-    if not isinstance(meta, dict) or "leaves" not in meta or "checksums" not in meta:
-        raise CheckpointError(f"{_step_path(directory, step)}: checkpoint metadata is incomplete or corrupt")
+    problem = _meta_problem(meta)
+    if problem:
+        raise CheckpointError(f"{_step_path(directory, step)}: checkpoint metadata is incomplete or corrupt: {problem}")
     return meta
+
+
+def _meta_problem(meta: Any) -> str | None:
+    """What is wrong with the structure of a checkpoint's metadata JSON, or None when it has what restore reads."""
+    if not isinstance(meta, dict):
+        return f"expected a JSON object, got {type(meta).__name__}"
+    for key, kinds in (("leaves", dict), ("checksums", dict), ("flaxlm_version", str), ("data_checksum", str),
+                       ("config_hash", (str, type(None))), ("tokenizer_fingerprint", (str, type(None)))):
+        if not isinstance(meta.get(key), kinds):
+            return f"'{key}' is {type(meta.get(key)).__name__}" if key in meta else f"no '{key}'"
+    for path, spec in meta["leaves"].items():
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                for d in shape) and isinstance(spec.get("dtype"), str)):
+            return f"leaf {path!r} has no valid shape and dtype"
+    if not all(isinstance(v, str) for v in meta["checksums"].values()):
+        return "a checksum is not a string"
+    return None
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, args, directory: pathlib.Path):

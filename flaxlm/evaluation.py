@@ -12,7 +12,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import sacrebleu
 
 from flaxlm.errors import FlaxlmError
 
@@ -25,6 +24,8 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
         raise FlaxlmError(f"corpus_bleu: {len(hypotheses)} hypotheses but {len(references)} references")
     if not references:
         raise FlaxlmError("corpus_bleu: no sentences to score")
+    import sacrebleu  # imported here: it needs a writable temp dir at import, which a full disk may not give
+
     return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
 
 

@@ -72,6 +72,16 @@ class TrainConfig:
 
     `init_from` is the workdir of another run (e.g. masked-LM pretraining) whose latest checkpoint gives the
     initial parameters of the parts the task knows how to transfer (params only; optimizer state is fresh).
+
+    Faults (see `flaxlm.trainer`):
+    - `nonfinite`: a NaN/Inf loss or gradient. 'skip' leaves parameters and optimizer state unchanged and
+      counts the step in `train/skipped`; 'stop' does the same, saves a checkpoint of that last good state
+      and exits non-zero naming the step; 'ignore' applies the update anyway.
+    - `on_write_error`: a checkpoint, metrics or TensorBoard write fails (full disk, read-only directory).
+      'stop' writes nothing more and exits non-zero with one error naming the path; 'continue' warns once
+      per kind of file and keeps training, retrying at the next scheduled write.
+    - `spike_factor`: a step whose loss exceeds this multiple of the median of the previous 100 step losses
+      is a loss spike: warned about and counted in `train/spikes` of metrics.jsonl (null turns it off).
     """
 
     steps: int = 2000
@@ -82,7 +92,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     best_metric: str = "eval/loss"
-    nonfinite: Literal["skip", "raise", "ignore"] = "skip"
+    nonfinite: Literal["skip", "stop", "ignore"] = "skip"
+    on_write_error: Literal["stop", "continue"] = "stop"
+    spike_factor: float | None = 3.0
     grad_accum_steps: int = 1
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     progress: bool = True
@@ -94,6 +106,8 @@ class TrainConfig:
                 raise ConfigError(f"must be >= 1, got {getattr(self, name)}", key=name)
         if self.eval_batches is not None and self.eval_batches < 1:
             raise ConfigError(f"must be >= 1 or null (whole split), got {self.eval_batches}", key="eval_batches")
+        if self.spike_factor is not None and not self.spike_factor > 1.0:
+            raise ConfigError(f"must be > 1 or null (no spike detection), got {self.spike_factor}", key="spike_factor")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,12 +7,28 @@ A workdir holds everything about a run: `config.yaml` (resolved), `tokenizer.jso
 complete checkpoint: same batches (the data iterator state is checkpointed) and same dropout keys (the
 RNG is part of the state), so the losses continue exactly as an uninterrupted run. SIGTERM (pre-emption)
 and SIGINT (Ctrl-C) finish the current step, save a checkpoint and return.
+
+Faults during training follow the config (`TrainConfig`):
+
+- A NaN/Inf loss or gradient is reported with its step number. `train.nonfinite: skip` leaves the
+  parameters and optimizer state unchanged and counts the step in `train/skipped`; `stop` does the same,
+  saves a checkpoint of that last good state (at the step number of the bad batch, so a resumed run goes
+  on after it) and raises FloatingPointError naming the step; `ignore` applies the update.
+- A loss above `train.spike_factor` times the median of the previous 100 step losses is a spike: one
+  warning line per log row names the steps, and the row's `train/spikes` counts them.
+- A checkpoint, metrics.jsonl, TensorBoard or loss.png write that fails (full disk, read-only directory)
+  raises one CheckpointError/MetricsError naming the path under `train.on_write_error: stop`, once the
+  checkpoints already written are complete. Under `continue` it is one warning per kind of file and the
+  next scheduled write tries again; a run whose final checkpoint could not be written still ends with an
+  error. A workdir that cannot be written when training starts is always an error.
 """
 
+import collections
 import contextlib
 import dataclasses
 import pathlib
 import signal
+import sys
 import time
 
 import jax
@@ -21,12 +37,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from flaxlm.checkpoint import Checkpointer
+from flaxlm.checkpoint import CheckpointError, Checkpointer
 from flaxlm.config import load_config, save_config, to_dict
 from flaxlm.data.tokenizers import load_tokenizer
 from flaxlm.errors import ConfigError, FlaxlmError
+from flaxlm.evaluation import perplexity
 from flaxlm.experiment import ExperimentConfig
-from flaxlm.metrics_log import MetricsLog, plot_loss_curve, read_metrics
+from flaxlm.metrics_log import MetricsError, MetricsLog, plot_loss_curve, read_metrics
 from flaxlm.tasks import build_task
 from flaxlm.train.optimizers import make_optimizer
 from flaxlm.train.sharding import make_mesh, shard_batch, shard_state
@@ -34,6 +51,8 @@ from flaxlm.train.state import TrainState
 from flaxlm.train.step import make_eval_step, make_train_step
 
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+SPIKE_WINDOW = 100  # steps whose median loss a new step's loss is compared with
+SPIKE_MIN_STEPS = 10  # no spike detection before this many finite losses
 
 
 @dataclasses.dataclass
@@ -63,7 +82,8 @@ def build_run(cfg: ExperimentConfig, tokenizer=None) -> Run:
     state = shard_state(TrainState.create(model, make_optimizer(cfg.optim), cfg.train.seed + 1), mesh)
     dtype = COMPUTE_DTYPES[cfg.train.compute_dtype]
     train_step = make_train_step(task.loss_fn, mesh=mesh, grad_accum_steps=cfg.train.grad_accum_steps,
-                                 compute_dtype=dtype, nonfinite=cfg.train.nonfinite)
+                                 compute_dtype=dtype,
+                                 nonfinite="skip" if cfg.train.nonfinite == "stop" else cfg.train.nonfinite)
     eval_step = make_eval_step(task.loss_fn, mesh=mesh, compute_dtype=dtype)
     return Run(cfg, task, mesh, state, train_step, eval_step)
 
@@ -75,7 +95,7 @@ def evaluate(run: Run, model, split: str, max_batches: int | None = None) -> dic
         if max_batches is not None and i >= max_batches:
             break
         metrics = run.eval_step(model, shard_batch(batch, run.mesh))
-        for key in ("loss_sum", "tokens", "correct"):
+        for key in ("loss_sum", "tokens", "correct", "nll"):
             if key in metrics:
                 totals[key] = totals.get(key, 0.0) + float(metrics[key])
     if not totals.get("tokens"):
@@ -83,6 +103,8 @@ def evaluate(run: Run, model, split: str, max_batches: int | None = None) -> dic
     out = {"loss": totals["loss_sum"] / totals["tokens"]}
     if "correct" in totals:
         out["accuracy"] = totals["correct"] / totals["tokens"]
+    if "nll" in totals:
+        out["perplexity"] = perplexity(totals["nll"] / totals["tokens"])
     if hasattr(run.task, "extra_metrics"):
         out.update(run.task.extra_metrics(model, split))
     return out
@@ -155,9 +177,11 @@ def train(cfg: ExperimentConfig, workdir, *, progress: bool | None = None) -> di
     run = build_run(cfg, tokenizer)
     _make_workdir(workdir)
     tc = cfg.train
+    writes = _WriteFaults(tc.on_write_error)
+    best_mode = "max" if any(name in tc.best_metric for name in ("accuracy", "bleu")) else "min"
     with Checkpointer(workdir, config=to_dict(cfg), tokenizer=run.task.tokenizer.to_json(),
                       max_to_keep=tc.keep_checkpoints, best_metric=tc.best_metric,
-                      best_mode="max" if "accuracy" in tc.best_metric else "min") as checkpointer:
+                      best_mode=best_mode) as checkpointer:
         state, data = run.state, run.task.train_iterator()
         if checkpointer.latest_step() is not None:
             state, data_state, _ = checkpointer.restore(state)
@@ -169,31 +193,96 @@ def train(cfg: ExperimentConfig, workdir, *, progress: bool | None = None) -> di
             tqdm.write(f"{workdir}: already trained to step {int(state.step)} (train.steps={tc.steps})")
             return _last_eval(workdir / "metrics.jsonl")
         with MetricsLog(workdir) as log:
-            last_eval = _train_loop(run, state, data, checkpointer, log,
-                                    tc.progress if progress is None else progress)
-    plot_loss_curve(log.path, workdir / "loss.png")
+            last_eval, last_step = _train_loop(run, state, data, checkpointer, log, writes,
+                                               tc.progress if progress is None else progress)
+        _finish_checkpoints(checkpointer, writes, last_step)
+    writes.attempt("plot", plot_loss_curve, log.path, workdir / "loss.png")
     return last_eval
 
 
+class _WriteFaults:
+    """Applies `train.on_write_error` to the run's writes: 'stop' raises the error, 'continue' warns once per kind."""
+
+    def __init__(self, policy: str):
+        self.policy = policy
+        self.failures: collections.Counter[str] = collections.Counter()
+
+    def attempt(self, kind: str, write, *args, **kwargs) -> bool:
+        """Call `write(*args, **kwargs)`; returns whether it succeeded (under 'continue')."""
+        try:
+            write(*args, **kwargs)
+            return True
+        except (CheckpointError, MetricsError) as e:
+            if self.policy == "stop":
+                raise
+            if not self.failures[kind]:
+                _warn(f"{e} (train.on_write_error=continue: training goes on and the next scheduled {kind} write "
+                      f"tries again; further {kind} failures are not reported)")
+            self.failures[kind] += 1
+            return False
+
+
+def _finish_checkpoints(checkpointer: Checkpointer, writes: _WriteFaults, last_step: int) -> None:
+    """Wait for the last checkpoint; one that could not be written is an error under either write policy."""
+    if writes.attempt("checkpoint", checkpointer.wait_until_finished) and checkpointer.latest_step() == last_step:
+        return
+    raise CheckpointError(
+        f"{checkpointer.directory}: training reached step {last_step} but its checkpoint could not be written "
+        f"({writes.failures['checkpoint']} checkpoint writes failed); the latest checkpoint on disk is step "
+        f"{checkpointer.latest_step()}")
+
+
+def _warn(message: str) -> None:
+    """One line `flaxlm: warning: ...` on stderr (above the progress bar)."""
+    tqdm.write(f"flaxlm: warning: {message}", file=sys.stderr)
+
+
+def _step_list(steps: list[int]) -> str:
+    shown = ", ".join(str(s) for s in steps[:5])
+    more = f" and {len(steps) - 5} more" if len(steps) > 5 else ""
+    return f"step{'s' if len(steps) > 1 else ''} {shown}{more}"
+
+
+def _spikes(losses: list[tuple[int, float]], recent: collections.deque, factor: float | None) -> list[tuple]:
+    """(step, loss, running median) of each loss above `factor` x the median of the losses before it."""
+    found = []
+    for step, loss in losses:
+        if not np.isfinite(loss):
+            continue
+        if factor is not None and len(recent) >= SPIKE_MIN_STEPS:
+            median = float(np.median(recent))
+            if loss > factor * median:
+                found.append((step, loss, median))
+        recent.append(loss)
+    return found
+
+
 def _train_loop(run: Run, state: TrainState, data, checkpointer: Checkpointer, log: MetricsLog,
-                progress: bool) -> dict[str, float]:
-    """Steps from state.step to train.steps (or a stop signal): log, evaluate and checkpoint on schedule."""
+                writes: _WriteFaults, progress: bool) -> tuple[dict[str, float], int]:
+    """Steps from state.step to train.steps (or a stop): log, evaluate and checkpoint on schedule.
+
+    Returns the last evaluation's metrics and the last step taken.
+    """
     tc = run.cfg.train
     start = int(state.step)
     last_eval: dict[str, float] = {}
     eval_at = None
     pending = []
+    recent = collections.deque(maxlen=SPIKE_WINDOW)
     window_start, window_steps = time.perf_counter(), 0
+    step = start
     with tqdm(total=tc.steps, initial=start, disable=not progress, dynamic_ncols=True, unit="step") as bar, \
             _stop_requests() as stop:
         for step in range(start + 1, tc.steps + 1):
             state, metrics = run.train_step(state, shard_batch(next(data), run.mesh))
             pending.append(metrics)
             window_steps += 1
-            stopping = bool(stop)
+            bad_step = tc.nonfinite == "stop" and bool(jax.device_get(metrics["nonfinite"]))
+            stopping = bool(stop) or bad_step
             final = step == tc.steps or stopping
             if step % tc.log_every == 0 or final:
                 fetched = jax.device_get(pending)
+                steps = range(step - len(fetched) + 1, step + 1)
                 step_time = (time.perf_counter() - window_start) / window_steps
                 row = {
                     "train/loss": float(np.mean([m["loss"] for m in fetched])),
@@ -205,22 +294,45 @@ def _train_loop(run: Run, state: TrainState, data, checkpointer: Checkpointer, l
                 }
                 if "accuracy" in fetched[-1]:
                     row["train/accuracy"] = float(np.mean([m["accuracy"] for m in fetched]))
-                if any(m["nonfinite"] for m in fetched):
-                    tqdm.write(f"step {step}: non-finite loss or gradient (policy {tc.nonfinite!r})")
+                nonfinite = [s for s, m in zip(steps, fetched) if m["nonfinite"]]
+                if nonfinite and not bad_step:  # under 'stop' the error below reports it
+                    action = "applied anyway" if tc.nonfinite == "ignore" else "skipped"
+                    _warn(f"{_step_list(nonfinite)}: non-finite loss or gradient; the update was {action} "
+                          f"(train.nonfinite={tc.nonfinite!r}; {int(row['train/skipped'])} skipped so far)")
+                if tc.spike_factor is not None:
+                    spikes = _spikes([(s, float(m["loss"])) for s, m in zip(steps, fetched)], recent, tc.spike_factor)
+                    row["train/spikes"] = float(len(spikes))
+                    if spikes:
+                        worst = max(spikes, key=lambda x: x[1] / x[2])
+                        _warn(f"{_step_list([s[0] for s in spikes])}: loss spike: {worst[1]:.4g} at step {worst[0]} "
+                              f"is {worst[1] / worst[2]:.1f}x the median {worst[2]:.4g} of the previous steps "
+                              f"(train.spike_factor={tc.spike_factor})")
                 if step % tc.eval_every == 0 or final:
                     last_eval = {f"eval/{k}": v for k, v in
                                  evaluate(run, state.model, "valid", tc.eval_batches).items()}
                     eval_at = step
                     row.update(last_eval)
-                log.log(step, row)
+                writes.attempt("metrics", log.write_row, step, row)
+                writes.attempt("tensorboard", log.write_scalars, step, row)
+                writes.attempt("checkpoint", checkpointer.check_for_errors)
                 bar.set_postfix(loss=f"{row['train/loss']:.4f}", tok_s=f"{row['perf/tokens_per_s']:.0f}")
                 pending, window_start, window_steps = [], time.perf_counter(), 0
             bar.update(1)
             if step % tc.checkpoint_every == 0 or final:
                 best = {tc.best_metric: last_eval[tc.best_metric]} if (
                     eval_at == step and tc.best_metric in last_eval) else None
-                checkpointer.save(step, state, data_state=data.get_state(), metrics=best)
-            if stopping:
+                writes.attempt("checkpoint", checkpointer.wait_until_finished)
+                writes.attempt("checkpoint", checkpointer.save, step, state, data_state=data.get_state(),
+                               metrics=best)
+            if bad_step:
+                _finish_checkpoints(checkpointer, writes, step)
+                m = jax.device_get(metrics)
+                raise FloatingPointError(
+                    f"step {step}: non-finite loss or gradient (loss={float(m['loss'])}, "
+                    f"grad_norm={float(m['grad_norm'])}); train.nonfinite='stop': the update was not applied and "
+                    f"this last good state is saved as checkpoint {step} in {checkpointer.directory}")
+            if stop:
+                _finish_checkpoints(checkpointer, writes, step)
                 tqdm.write(f"{stop[0]} received: saved a checkpoint at step {step}; rerun to resume")
                 break
-    return last_eval
+    return last_eval, step
