@@ -139,7 +139,7 @@ def _assign(model: GPT, weights: dict[str, np.ndarray], cfg: GPTConfig) -> None:
         return np.stack([transform(weights[f"transformer.h.{i}.{name}"]) for i in range(cfg.n_layer)])
 
     def put(param: nnx.Param, value: np.ndarray) -> None:
-        param.set_value(jnp.asarray(value, dtype=cfg.param_dtype))
+        param.set_value(jnp.array(value, dtype=cfg.param_dtype))
 
     put(model.wte.embedding, weights["transformer.wte.weight"])
     put(model.wpe.embedding, weights["transformer.wpe.weight"])

@@ -83,7 +83,7 @@ def recurrent_from_torch(
                 if value.shape != torch_shape:
                     raise ValueError(f"{key}: state_dict shape {value.shape}, expected {torch_shape} "
                                      f"(torch layout) for the flaxlm RNN")
-                param[...] = jnp.asarray(value.T if transpose else value, dtype=param.dtype)
+                param[...] = jnp.array(value.T if transpose else value, dtype=param.dtype)
     unknown = sorted(set(arrays) - expected_keys)
     if unknown:
         hint = " (LSTM proj_size is not supported)" if any(k.startswith("weight_hr") for k in unknown) else ""

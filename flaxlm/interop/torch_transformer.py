@@ -183,7 +183,7 @@ def _convert(module: nnx.Module, sd: dict[str, np.ndarray], entries: list[_Entry
             param = new
             for name in write.path:
                 param = getattr(param, name)
-            value = jnp.asarray(write.transform(sd[entry.key]), dtype=param.dtype)
+            value = jnp.array(write.transform(sd[entry.key]), dtype=param.dtype)
             if write.index is None:
                 param[...] = value
             else:

@@ -147,3 +147,19 @@ def test_loaded_model_is_a_pytree_of_arrays(tmp_path):
     model, _ = load_nanogpt(tmp_path / "ckpt.pt")
     leaves = jax.tree.leaves(nnx.state(model))
     assert leaves and all(isinstance(leaf, jax.Array) and leaf.dtype == jnp.float32 for leaf in leaves)
+
+
+def test_loaded_params_do_not_share_memory_with_the_torch_tensors():
+    """Changing the PyTorch weights in place after conversion must not change the flaxlm model (a copy, not a view)."""
+    ref = reference_model(bias=True)
+    args = ref.args
+    model_args = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
+                      bias=True, vocab_size=args.vocab_size, dropout=0.0)
+    state_dict = ref.state_dict()
+    model, _ = gpt_from_nanogpt_state_dict(state_dict, model_args)
+    before = [np.array(leaf) for leaf in jax.tree.leaves(nnx.state(model))]
+    with torch.no_grad():
+        for value in state_dict.values():
+            value.add_(1.0)
+    after = jax.tree.leaves(nnx.state(model))
+    assert all(np.array_equal(b, np.asarray(a)) for b, a in zip(before, after))

@@ -151,3 +151,15 @@ def test_state_dict_errors_name_keys_and_shapes():
         recurrent_from_torch(no_bias, sd)
     with pytest.raises(TypeError, match="flaxlm.nn.recurrent.RNN"):
         recurrent_from_torch(torch_rnn, sd)
+
+
+def test_converted_params_do_not_share_memory_with_the_torch_tensors():
+    torch_rnn, _ = build_pair("lstm", num_layers=1, bidirectional=False)
+    template = RNN(F, H, cell="lstm", num_layers=1, rngs=nnx.Rngs(0))
+    state_dict = torch_rnn.state_dict()
+    model = recurrent_from_torch(template, state_dict, torch_module_kind="lstm")
+    before = [np.array(leaf) for leaf in jax.tree.leaves(nnx.state(model))]
+    with torch.no_grad():
+        for value in state_dict.values():
+            value.add_(1.0)
+    assert all(np.array_equal(b, np.asarray(a)) for b, a in zip(before, jax.tree.leaves(nnx.state(model))))
