@@ -18,7 +18,7 @@ torch.optim.AdamW, eagerly and under torch.compile (benchmarks/speed_torch.py); 
 speed_cases.py. Every (case, framework) runs in its own subprocess of this script, one after the other, so
 that its peak memory is its own: `peak RSS` is `resource.getrusage(RUSAGE_SELF).ru_maxrss` of that process
 (the whole process: interpreter, framework libraries, compiler, data). torch runs with
-`torch.set_num_threads(os.cpu_count())`; XLA:CPU uses its default pool (one thread per core).
+`torch.set_num_threads(cores)` (cores = the CPUs this process may run on, so `taskset -c 1` means one); XLA:CPU uses its default pool (one thread per core).
 
 Per (case, framework): the first step's time (`compile_s`: for flaxlm tracing + XLA compilation + one step,
 for torch.compile Dynamo + Inductor compilation + one step, for eager just the first step), then `--warmup`
@@ -119,7 +119,7 @@ def _case_worker(job: dict) -> dict:
     else:
         import torch
 
-        torch.set_num_threads(os.cpu_count())
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
         import speed_torch
 
         bench = speed_torch.Bench(size, compile_model=job["framework"] == "torch_compile")
@@ -419,7 +419,7 @@ def main(argv=None) -> int:
     results = {"machine": machine_info(),
                "settings": {"steps": args.steps, "warmup": args.warmup, "tiny": args.tiny, "pooling": args.pooling,
                             "cases": args.cases, "torch_compile": args.torch_compile,
-                            "torch_threads": os.cpu_count()},
+                            "torch_threads": len(os.sched_getaffinity(0))},
                "cases": {}}
     if args.cases:
         peaks = [run_worker({"kind": "peak", "n": 2048}, args.timeout)]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxlm.nn.embeddings import Embed, PositionEmbedding
-from flaxlm.nn.transformer import TransformerEncoder, TransformerEncoderLayer
+from flaxlm.nn.transformer import Remat, TransformerEncoder, TransformerEncoderLayer
 from flaxlm.ops.dropout import dropout
 from flaxlm.ops.masks import padding_mask
 
@@ -32,6 +32,7 @@ class BertConfig:
     dropout: float = 0.1
     layer_norm_eps: float = 1e-12
     unroll: bool = False
+    remat: Remat = "dots"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -108,7 +109,7 @@ class BertEncoder(nnx.Module):
                 rngs=layer_rngs,
             )
 
-        self.layers = TransformerEncoder(cfg.num_layers, layer, unroll=cfg.unroll, rngs=rngs)
+        self.layers = TransformerEncoder(cfg.num_layers, layer, unroll=cfg.unroll, remat=cfg.remat, rngs=rngs)
         for path, node in nnx.iter_graph(self.layers):
             if isinstance(node, nnx.Param) and str(path[-1]).endswith("kernel"):
                 node.set_value(0.02 * jax.random.normal(rngs.params(), node.shape, node.dtype))

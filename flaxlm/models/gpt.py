@@ -15,13 +15,13 @@ from flax import nnx
 
 from flaxlm.nn.attention import KVCache
 from flaxlm.nn.embeddings import Embed, PositionEmbedding
-from flaxlm.nn.transformer import TransformerDecoder, TransformerDecoderLayer
+from flaxlm.nn.transformer import Remat, TransformerDecoder, TransformerDecoderLayer
 from flaxlm.ops.dropout import dropout
 
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
-    """nanoGPT's GPTConfig fields, plus tie_embeddings, layer_norm_eps, unroll and dtypes."""
+    """nanoGPT's GPTConfig fields, plus tie_embeddings, layer_norm_eps, unroll, remat (see flaxlm.nn.transformer) and dtypes."""
 
     vocab_size: int = 50304
     block_size: int = 1024
@@ -33,6 +33,7 @@ class GPTConfig:
     tie_embeddings: bool = True
     layer_norm_eps: float = 1e-5
     unroll: bool = False
+    remat: Remat = "dots"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -71,7 +72,8 @@ class GPT(nnx.Module):
                 fused_qkv=True, rngs=layer_rngs, **common,
             )
 
-        self.blocks = TransformerDecoder(cfg.n_layer, block, final_norm=True, unroll=cfg.unroll, rngs=rngs)
+        self.blocks = TransformerDecoder(cfg.n_layer, block, final_norm=True, unroll=cfg.unroll, remat=cfg.remat,
+                                         rngs=rngs)
         self._init_like_nanogpt(rngs)
         self.lm_head = None if cfg.tie_embeddings else nnx.Linear(
             cfg.n_embd, cfg.vocab_size, use_bias=False, rngs=rngs,

@@ -20,6 +20,7 @@ from flax import nnx
 from flaxlm.nn.attention import KVCache
 from flaxlm.nn.embeddings import Embed, PositionEmbedding
 from flaxlm.nn.transformer import (
+    Remat,
     TransformerDecoder,
     TransformerDecoderLayer,
     TransformerEncoder,
@@ -50,6 +51,7 @@ class TransformerConfig:
     scale_embeddings: bool = True
     layer_norm_eps: float = 1e-5
     unroll: bool = False
+    remat: Remat = "dots"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -102,7 +104,7 @@ class Transformer(nnx.Module):
             return TransformerDecoderLayer(cfg.d_model, cfg.num_heads, cfg.mlp_dim, cross_attention=True,
                                            rngs=layer_rngs, **layer_args)
 
-        stack = dict(final_norm=cfg.norm_first, unroll=cfg.unroll, rngs=rngs)
+        stack = dict(final_norm=cfg.norm_first, unroll=cfg.unroll, remat=cfg.remat, rngs=rngs)
         self.encoder = TransformerEncoder(cfg.num_encoder_layers, encoder_layer, **stack)
         self.decoder = TransformerDecoder(cfg.num_decoder_layers, decoder_layer, **stack)
         self.output = None if cfg.tie_output else nnx.Linear(

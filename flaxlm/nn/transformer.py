@@ -3,9 +3,17 @@
 Stacks build the parameters of all layers at once with `jax.vmap` over split keys (every leaf gains a leading
 layers axis) and run them with `jax.lax.scan`, so trace and compile time do not grow with depth. `unroll=True`
 runs a Python loop over the same stacked parameters instead (same results, one copy of the layer per depth).
+
+`remat` picks what the backward pass keeps from each layer's forward pass (`jax.checkpoint` on the layer):
+'dots' (the default) keeps only the outputs of the weight matmuls (`dots_with_no_batch_dims_saveable`) and
+recomputes attention and the elementwise ops; 'full' keeps only the layer inputs; 'none' keeps everything.
+On XLA:CPU 'dots' is the fastest (the GPT train step of the nanoGPT CPU config takes 105 ms per forward +
+backward against 149 ms with 'none' on one core: the stacked buffers of saved attention weights and
+activations cost more to fill and read than the recomputation), and it needs less memory everywhere.
 """
 
 from collections.abc import Callable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +31,24 @@ def _layer_norm(features, eps, use_bias, dtype, param_dtype, rngs) -> nnx.LayerN
         scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs,
     )
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+Remat = Literal["none", "dots", "full"]
+
+
+def _check_remat(remat: str) -> None:
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
+
+
+def _rematted(fn: Callable, remat: str) -> Callable:
+    """`fn` under jax.checkpoint with the policy named by `remat` ('none': fn itself)."""
+    return fn if remat == "none" else jax.checkpoint(fn, policy=REMAT_POLICIES[remat])
 
 
 def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
@@ -243,10 +269,13 @@ class TransformerEncoder(nnx.Module):
         *,
         final_norm: bool = False,
         unroll: bool = False,
+        remat: Remat = "dots",
         rngs: nnx.Rngs,
     ):
+        _check_remat(remat)
         self.num_layers = num_layers
         self.unroll = unroll
+        self.remat = remat
         self.layers = _stack_layers(num_layers, layer_factory, rngs)
         self.final_norm = _final_norm(final_norm, self.layers, rngs)
 
@@ -264,6 +293,8 @@ class TransformerEncoder(nnx.Module):
 
         def apply(layer, h, key):
             return layer(h, mask=mask, is_causal=is_causal, positions=positions, dropout_key=key)
+
+        apply = _rematted(apply, self.remat)
 
         if self.unroll:
             for i in range(self.num_layers):
@@ -286,10 +317,13 @@ class TransformerDecoder(nnx.Module):
         *,
         final_norm: bool = False,
         unroll: bool = False,
+        remat: Remat = "dots",
         rngs: nnx.Rngs,
     ):
+        _check_remat(remat)
         self.num_layers = num_layers
         self.unroll = unroll
+        self.remat = remat
         self.layers = _stack_layers(num_layers, layer_factory, rngs)
         self.final_norm = _final_norm(final_norm, self.layers, rngs)
 
@@ -327,6 +361,8 @@ class TransformerDecoder(nnx.Module):
             out = layer(h, memory, mask=mask, memory_mask=memory_mask, is_causal=is_causal, cache=layer_cache,
                         positions=positions, dropout_key=key)
             return out if layer_cache is not None else (out, None)
+
+        apply = _rematted(apply, self.remat if cache is None else "none")
 
         if self.unroll:
             new_caches = []

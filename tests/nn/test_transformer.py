@@ -167,7 +167,7 @@ def test_stack_trace_and_compile_size_do_not_grow_with_depth():
         counts.append((jaxpr.count("dot_general"), lowered.as_text().count("stablehlo.dot_general")))
     assert counts[0] == counts[1]
     assert counts[0][0] > 0
-    unrolled = TransformerEncoder(12, _encoder_layer, unroll=True, rngs=nnx.Rngs(0))
+    unrolled = TransformerEncoder(12, _encoder_layer, unroll=True, remat="none", rngs=nnx.Rngs(0))
     assert str(jax.make_jaxpr(lambda m, x: m(x))(unrolled, x)).count("dot_general") == 12 * counts[0][0]
 
 
@@ -257,3 +257,26 @@ def test_causal_decoder_output_ignores_the_future(t, seed):
     changed[:, t + 1:] = _randn(seed + 1, B, T - t - 1, E)
     forward = _gpt_forward()
     np.testing.assert_allclose(forward(x)[:, : t + 1], forward(changed)[:, : t + 1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("remat", ["none", "dots", "full"])
+def test_remat_policies_give_the_same_values_and_gradients(remat):
+    """Recomputing in the backward pass changes what is stored, never the result (dropout keys are explicit)."""
+    x = jax.random.normal(jax.random.key(1), (B, T, E))
+    reference = TransformerEncoder(2, lambda r: _encoder_layer(r, dropout_rate=0.2), remat="none", rngs=nnx.Rngs(0))
+    model = nnx.clone(reference)
+    model.remat = remat
+
+    def loss(m):
+        return (m(x, is_causal=True, dropout_key=jax.random.key(2)) ** 2).sum()
+
+    want_value, want_grads = jax.jit(jax.value_and_grad(loss))(reference)
+    value, grads = jax.jit(jax.value_and_grad(loss))(model)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_remat_policy_is_an_error():
+    with pytest.raises(ValueError, match="remat must be one of"):
+        TransformerEncoder(2, _encoder_layer, remat="some", rngs=nnx.Rngs(0))
