@@ -40,6 +40,7 @@ mesh restores onto another mesh or onto a single device.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -48,6 +49,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -69,15 +71,36 @@ class _OrbaxErrorRecords(logging.Filter):
 
     Every such failure reaches the caller as a one-line CheckpointError, so the multi-page tracebacks
     Orbax's background threads log through absl (and asyncio's "Task exception was never retrieved" for
-    its aborted writes) would only bury that line; they are kept at DEBUG level on this module's logger.
+    its aborted writes, or "Future exception was never retrieved" for the file writes its thread pool was
+    still running) would only bury that line; they are kept at DEBUG level on this module's logger.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname or "orbax" in str(record.msg)
+        from_orbax = (f"{os.sep}orbax{os.sep}" in record.pathname or "orbax" in str(record.msg)
+                      or _raised_in_orbax(record.exc_info))
         if record.levelno >= logging.ERROR and from_orbax:
             logger.debug("orbax: %s", record.getMessage().splitlines()[0])
             return False
         return True
+
+
+def _is_cleanup_race(error: BaseException | None) -> bool:
+    """Whether `error`, or an exception it was raised from, is a failed save's clean-up race."""
+    while error is not None:
+        if getattr(error, "errno", None) in _CLEANUP_RACE_ERRNOS:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _raised_in_orbax(exc_info) -> bool:
+    """Whether the exception of a log record was raised from inside Orbax's code."""
+    tb = exc_info[2] if exc_info else None
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 for _name in ("absl", "asyncio"):
@@ -108,6 +131,12 @@ warnings.filterwarnings("ignore", message=r"coroutine '[^']*(serialize|write)[^'
                         category=RuntimeWarning)
 
 CHECKPOINT_DIR = "checkpoints"
+# After a failed background save (full disk), tensorstore may still be finishing that save's other writes
+# while Orbax removes its temporary directory, so the next save can fail with "Directory not empty" or find
+# a file of its own removed ("No such file or directory"): it is retried after a short wait.
+_CLEANUP_RETRIES = 3
+_CLEANUP_WAIT_S = 0.5
+_CLEANUP_RACE_ERRNOS = (errno.ENOTEMPTY, errno.ENOENT)
 MODEL_KEY = "model"
 FORMAT_VERSION = 1
 VERSION_CHECKS = ("major", "exact", "warn")
@@ -248,13 +277,18 @@ class Checkpointer:
             }
         )
         self._raise_pending_error()
-        try:
-            saved = self._manager.save(step, args=args, metrics=self._metrics(metrics), force=force)
-        except Exception as e:
-            self._reopen()
-            raise CheckpointError(
-                f"{self.directory}: cannot write checkpoint for step {step}: {_one_line(e)}"
-            ) from e
+        for attempt in range(_CLEANUP_RETRIES + 1):
+            try:
+                saved = self._manager.save(step, args=args, metrics=self._metrics(metrics), force=force)
+                break
+            except Exception as e:
+                self._reopen()
+                if attempt < _CLEANUP_RETRIES and _is_cleanup_race(e):
+                    time.sleep(_CLEANUP_WAIT_S)  # a failed save's late writes are still landing in its temp dir
+                    continue
+                raise CheckpointError(
+                    f"{self.directory}: cannot write checkpoint for step {step}: {_one_line(e)}"
+                ) from e
         if saved:
             self._pending_step = step
         return saved
@@ -390,7 +424,15 @@ class Checkpointer:
         self._pending_step = None
 
     def _reopen(self) -> None:
-        """Replaces a manager whose background save failed (Orbax re-raises that failure forever)."""
+        """Replaces a manager whose background save failed (Orbax re-raises that failure forever).
+
+        The old manager is closed first: that joins the writes of the failed save still in flight, which
+        would otherwise race the new manager's clean-up of their temporary directory ("Directory not empty").
+        """
+        try:
+            self._manager.close()
+        except Exception as e:  # the failure being replaced; it has been reported already
+            logger.debug("closing the failed checkpoint manager: %s", _one_line(e))
         self._manager = _open_manager(self.directory, self._options, ocp.StandardCheckpointHandler())
 
 
