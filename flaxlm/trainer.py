@@ -280,7 +280,7 @@ def _train_loop(run: Run, state: TrainState, data, checkpointer: Checkpointer, l
             bad_step = tc.nonfinite == "stop" and bool(jax.device_get(metrics["nonfinite"]))
             stopping = bool(stop) or bad_step
             final = step == tc.steps or stopping
-            if step % tc.log_every == 0 or final:
+            if step % tc.log_every == 0 or step % tc.eval_every == 0 or final:  # an evaluation gets its row
                 fetched = jax.device_get(pending)
                 steps = range(step - len(fetched) + 1, step + 1)
                 step_time = (time.perf_counter() - window_start) / window_steps

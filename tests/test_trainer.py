@@ -25,7 +25,8 @@ def sentiment_tsv(path, seed: int) -> None:
     path.write_text("\n".join(rows) + "\n")
 
 
-def test_classification_trains_and_evaluates(tmp_path, capsys):
+def sentiment_config(tmp_path, train: str):
+    """A tiny LSTM classification experiment on `sentiment_tsv` data; `train` is the YAML of its train section."""
     sentiment_tsv(tmp_path / "train.tsv", seed=0)
     sentiment_tsv(tmp_path / "dev.tsv", seed=3)
     config = tmp_path / "sentiment.yaml"
@@ -35,9 +36,14 @@ model: {{backbone: lstm, pooling: max, embed_dim: 16, hidden_size: 16}}
 data: {{train: {tmp_path / 'train.tsv'}, valid: {tmp_path / 'dev.tsv'}, tokenizer: word, batch_size: 8,
         bucket_boundaries: [8], eval_batch_size: 32}}
 optim: {{name: adam, learning_rate: 0.03}}
-train: {{steps: 30, log_every: 10, eval_every: 30, checkpoint_every: 30, best_metric: eval/accuracy,
-         progress: false}}
+train: {train}
 """)
+    return config
+
+
+def test_classification_trains_and_evaluates(tmp_path, capsys):
+    config = sentiment_config(tmp_path, "{steps: 30, log_every: 10, eval_every: 30, checkpoint_every: 30, "
+                                        "best_metric: eval/accuracy, progress: false}")
     workdir = tmp_path / "run"
     assert cli.main(["train", str(config), "--workdir", str(workdir)]) == 0
     trained = json.loads(capsys.readouterr().out.splitlines()[-1])
@@ -54,6 +60,15 @@ train: {{steps: 30, log_every: 10, eval_every: 30, checkpoint_every: 30, best_me
 
     assert cli.main(["sample", "--workdir", str(workdir)]) == 2
     assert "needs a language-model run" in capsys.readouterr().err
+
+
+def test_evaluation_steps_that_are_not_log_steps_still_evaluate(tmp_path, capsys):
+    config = sentiment_config(tmp_path, "{steps: 30, log_every: 10, eval_every: 15, checkpoint_every: 30, "
+                                        "progress: false}")
+    assert cli.main(["train", str(config), "--workdir", str(tmp_path / "run")]) == 0
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [10, 15, 20, 30]
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [15, 30]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
