@@ -1,4 +1,4 @@
-"""TextClassifier: embedding -> backbone -> pooling -> dropout -> linear, over padded batches.
+"""TextClassifier: embedding -> backbone -> pooling -> dropout -> [tanh MLP ->] linear, over padded batches.
 
 Backbones: 'rnn', 'lstm', 'gru', 'bilstm' (flaxlm.nn.RNN), 'cnn' (Kim CNN, which max-pools over time itself),
 'transformer' (a TransformerEncoder over learned or sinusoidal positions), 'bert' (a pretrained-compatible
@@ -6,7 +6,8 @@ Backbones: 'rnn', 'lstm', 'gru', 'bilstm' (flaxlm.nn.RNN), 'cnn' (Kim CNN, which
 `nnx.update(classifier.backbone, nnx.state(bert_mlm.encoder))`).
 Poolings: 'last' (state after the last valid token; for 'bilstm' the forward state at the last valid token joined
 with the backward state at the first), 'mean' and 'max' over valid positions, 'cls' (position 0; for 'bert' the
-pooler's tanh(dense([CLS]))). Padding never reaches the logits: recurrent scans stop at each length, attention
+pooler's tanh(dense([CLS]))), 'attention' (keys-only additive attention, as in Flax's sst2 example). With
+head_hidden > 0 the head is Linear -> tanh -> dropout -> Linear (Flax's sst2 MLP). Padding never reaches the logits: recurrent scans stop at each length, attention
 never looks at padding, and pooling reads valid positions only.
 """
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxlm.models.bert import BertConfig, BertEncoder, valid_mask
+from flaxlm.nn.attention_pooling import AttentionPooling
 from flaxlm.nn.cnn import Conv1DTextEncoder
 from flaxlm.nn.embeddings import Embed, PositionEmbedding
 from flaxlm.nn.recurrent import RNN
@@ -25,10 +27,10 @@ from flaxlm.ops.dropout import dropout, word_dropout
 
 RECURRENT = {"rnn": ("rnn", False), "lstm": ("lstm", False), "gru": ("gru", False), "bilstm": ("lstm", True)}
 POOLINGS = {
-    **{name: ("last", "mean", "max") for name in RECURRENT},
+    **{name: ("last", "mean", "max", "attention") for name in RECURRENT},
     "cnn": ("max",),
-    "transformer": ("last", "mean", "max", "cls"),
-    "bert": ("last", "mean", "max", "cls"),
+    "transformer": ("last", "mean", "max", "cls", "attention"),
+    "bert": ("last", "mean", "max", "cls", "attention"),
 }
 
 
@@ -40,7 +42,8 @@ class ClassifierConfig:
     num_filters, kernel_sizes: 'cnn'. num_heads, mlp_dim, max_length, positions, norm_first: 'transformer'
     (its width is embed_dim). dropout: before the output layer, between recurrent layers and inside transformer
     layers. embed_dropout: dropout on the token embeddings; word_dropout: probability of zeroing a whole token's
-    embedding (both before the backbone, training only, not for 'bert').
+    embedding (both before the backbone, training only, not for 'bert'). head_hidden: width of the tanh hidden
+    layer of the head (0: a single linear layer); attention_hidden: width of the scoring MLP of 'attention' pooling.
     """
 
     vocab_size: int
@@ -60,6 +63,8 @@ class ClassifierConfig:
     max_length: int = 512
     positions: str = "learned"
     norm_first: bool = True
+    head_hidden: int = 0
+    attention_hidden: int = 256
     bert: BertConfig | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -73,10 +78,12 @@ class ClassifierConfig:
                 f"{self.backbone!r}, got {self.pooling!r}"
             )
         for name in ("vocab_size", "num_classes", "embed_dim", "hidden_size", "num_layers", "num_filters",
-                     "num_heads", "mlp_dim", "max_length"):
+                     "num_heads", "mlp_dim", "max_length", "attention_hidden"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ClassifierConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.head_hidden, int) or self.head_hidden < 0:
+            raise ValueError(f"ClassifierConfig.head_hidden must be an int >= 0, got {self.head_hidden!r}")
         if not self.kernel_sizes or any(not isinstance(k, int) or k < 1 for k in self.kernel_sizes):
             raise ValueError(f"ClassifierConfig.kernel_sizes must be positive ints, got {self.kernel_sizes!r}")
         if self.embed_dim % self.num_heads:
@@ -99,7 +106,8 @@ class ClassifierConfig:
 class TextClassifier(nnx.Module):
     """tokens [B, T] (+ lengths [B] or a left-aligned mask [B, T]) -> class logits [B, C] float32.
 
-    Submodules: embed (None for 'bert'), positions ('transformer' only), backbone, head.
+    Submodules: embed (None for 'bert'), positions ('transformer' only), backbone, attention_pool ('attention'
+    pooling only), head_hidden (head_hidden > 0 only), head.
     """
 
     def __init__(self, cfg: ClassifierConfig, *, rngs: nnx.Rngs):
@@ -117,6 +125,17 @@ class TextClassifier(nnx.Module):
                 if cfg.backbone == "transformer" else None
             )
             self.backbone, features = self._backbone(cfg, rngs)
+        self.attention_pool = (
+            AttentionPooling(features, cfg.attention_hidden, **common) if cfg.pooling == "attention" else None
+        )
+        self.head_hidden = nnx.data(None)
+        if cfg.head_hidden:
+            self.head_hidden = nnx.Linear(
+                features, cfg.head_hidden, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+                kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp")),
+                bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("mlp",)),
+            )
+            features = cfg.head_hidden
         self.head = nnx.Linear(
             features, cfg.num_classes, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
             kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "classes")),
@@ -164,6 +183,9 @@ class TextClassifier(nnx.Module):
         lengths = valid.sum(-1).astype(jnp.int32)
         backbone_key, head_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         features = self._features(tokens, token_types, valid, lengths, backbone_key)
+        if self.head_hidden is not None:
+            hidden_key, head_key = (None, None) if head_key is None else jax.random.split(head_key)
+            features = jnp.tanh(self.head_hidden(dropout(features, self.cfg.dropout, hidden_key)))
         features = dropout(features, self.cfg.dropout, head_key)
         return self.head(features).astype(jnp.float32)
 
@@ -172,7 +194,7 @@ class TextClassifier(nnx.Module):
         backbone, pooling = self.cfg.backbone, self.cfg.pooling
         if backbone == "bert":
             hidden = self.backbone(tokens, token_types, mask=valid, dropout_key=key)
-            return self.backbone.pool(hidden) if pooling == "cls" else pool(hidden, valid, lengths, pooling)
+            return self.backbone.pool(hidden) if pooling == "cls" else self._pool(hidden, valid, lengths)
         embed_key, word_key, key = (None,) * 3 if key is None else jax.random.split(key, 3)
         x = word_dropout(dropout(self.embed(tokens), self.cfg.embed_dropout, embed_key), self.cfg.word_dropout,
                          word_key)
@@ -181,13 +203,19 @@ class TextClassifier(nnx.Module):
         if backbone == "transformer":
             x = x + self.positions(tokens.shape[1])
             hidden = self.backbone(x, mask=valid[:, None, None, :], dropout_key=key)
-            return pool(hidden, valid, lengths, pooling)
+            return self._pool(hidden, valid, lengths)
         outputs, carry = self.backbone(x, seq_lengths=lengths, return_carry=True, dropout_key=key)
         if pooling != "last":
-            return pool(outputs, valid, lengths, pooling)
+            return self._pool(outputs, valid, lengths)
         h = carry[0] if isinstance(carry, tuple) else carry
         top = h[-self.backbone.num_directions:]
         return jnp.concatenate(list(top), axis=-1)
+
+    def _pool(self, hidden, valid, lengths) -> jax.Array:
+        """hidden [B, T, F] -> [B, F] with the configured pooling."""
+        if self.attention_pool is not None:
+            return self.attention_pool(hidden, valid)[0]
+        return pool(hidden, valid, lengths, self.cfg.pooling)
 
 
 def pool(hidden: jax.Array, valid: jax.Array, lengths: jax.Array, pooling: str) -> jax.Array:

@@ -1,6 +1,7 @@
 """flaxlm.nn: Flax NNX modules (pytrees of parameters) built on flaxlm.ops."""
 
 from flaxlm.nn.attention import KVCache, MultiHeadAttention
+from flaxlm.nn.attention_pooling import AttentionPooling
 from flaxlm.nn.cnn import Conv1DTextEncoder
 from flaxlm.nn.embeddings import Embed, PositionEmbedding
 from flaxlm.nn.feedforward import FeedForward
@@ -13,6 +14,7 @@ from flaxlm.nn.transformer import (
 )
 
 __all__ = [
+    "AttentionPooling",
     "Conv1DTextEncoder",
     "Embed",
     "FeedForward",

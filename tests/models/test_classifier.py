@@ -84,6 +84,34 @@ def test_bilstm_last_joins_forward_end_and_backward_start():
     np.testing.assert_allclose(features, expected, atol=1e-6, rtol=0)
 
 
+def test_attention_pooling_is_a_softmax_over_valid_positions_of_the_scoring_mlp():
+    model = TextClassifier(config("bilstm", "attention", attention_hidden=5, head_hidden=4), rngs=nnx.Rngs(4))
+    valid = np.arange(7)[None, :] < LENGTHS[:, None]
+    outputs = np.asarray(model.backbone(model.embed(TOKENS), seq_lengths=LENGTHS))
+    pooled, weights = model.attention_pool(jnp.asarray(outputs), jnp.asarray(valid))
+    w_keys = np.asarray(model.attention_pool.keys.kernel[...])
+    v = np.asarray(model.attention_pool.energy.kernel[...])[:, 0]
+    scores = np.tanh(outputs @ w_keys) @ v
+    expected = np.where(valid, np.exp(scores - np.where(valid, scores, -np.inf).max(-1, keepdims=True)), 0.0)
+    expected /= expected.sum(-1, keepdims=True)
+    np.testing.assert_allclose(weights, expected, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(pooled, np.einsum("bt,btf->bf", expected, outputs), atol=1e-5, rtol=0)
+    hidden = np.tanh(np.asarray(pooled) @ np.asarray(model.head_hidden.kernel[...]) + np.asarray(
+        model.head_hidden.bias[...]))
+    logits = hidden @ np.asarray(model.head.kernel[...]) + np.asarray(model.head.bias[...])
+    np.testing.assert_allclose(model(TOKENS, LENGTHS), logits, atol=1e-5, rtol=0)
+
+
+def test_attention_pooling_of_an_empty_sequence_is_zero():
+    model = TextClassifier(config("lstm", "attention"), rngs=nnx.Rngs(5))
+    hidden = jnp.ones((2, 4, model.backbone.out_features))
+    valid = jnp.array([[True, True, False, False], [False] * 4])
+    pooled, weights = model.attention_pool(hidden, valid)
+    np.testing.assert_allclose(weights[0], [0.5, 0.5, 0.0, 0.0], atol=1e-6)
+    np.testing.assert_array_equal(weights[1], 0.0)
+    np.testing.assert_array_equal(pooled[1], 0.0)
+
+
 def test_gradients_flow_to_every_parameter():
     model = TextClassifier(config("transformer", "cls"), rngs=nnx.Rngs(3))
     grads = jax.grad(lambda m: m(TOKENS, LENGTHS).sum())(model)
@@ -102,6 +130,9 @@ def test_gradients_flow_to_every_parameter():
         (dict(num_heads=3), "ClassifierConfig.num_heads"),
         (dict(dropout=1.0), "ClassifierConfig.dropout"),
         (dict(word_dropout=-0.1), "ClassifierConfig.word_dropout"),
+        (dict(head_hidden=-1), "ClassifierConfig.head_hidden"),
+        (dict(pooling="attention", attention_hidden=0), "ClassifierConfig.attention_hidden"),
+        (dict(backbone="cnn", pooling="attention"), "ClassifierConfig.pooling"),
         (dict(backbone="bert", pooling="cls"), "ClassifierConfig.bert"),
         (dict(backbone="bert", pooling="cls", bert=dataclasses.replace(TINY_BERT, vocab_size=99)),
          "ClassifierConfig.vocab_size"),
