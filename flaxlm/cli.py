@@ -27,9 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
-    p = sub.add_parser("eval", help="evaluate a run's latest checkpoint")
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint (default: the latest)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--split", default="valid", choices=("valid", "test"))
+    p.add_argument("--checkpoint", default="latest",
+                   help="'latest', 'best' (the kept checkpoint best by the run's train.best_metric) or a step number")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. data.test=PATH")
 
     p = sub.add_parser("sample", help="generate text from a language-model run")
@@ -79,18 +81,37 @@ def _saved_config(workdir: pathlib.Path, overrides):
     return load_experiment(path, overrides)
 
 
-def _restored_run(workdir: pathlib.Path, overrides):
-    """Build a run from a workdir and load its latest checkpoint's parameters."""
+def _restored_run(workdir: pathlib.Path, overrides, checkpoint: str = "latest"):
+    """Build a run from a workdir and load the parameters of its `checkpoint` ('latest', 'best' or a step)."""
     from flaxlm.checkpoint import restore_params
     from flaxlm.data.tokenizers import load_tokenizer
     from flaxlm.trainer import build_run
 
     cfg = _saved_config(workdir, overrides)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=None))
+    step = _checkpoint_step(workdir, cfg, checkpoint)
     tokenizer = load_tokenizer(workdir / "tokenizer.json")
     run = build_run(cfg, tokenizer)
-    model = restore_params(workdir, run.state.model, tokenizer=tokenizer.to_json())
+    model = restore_params(workdir, run.state.model, step=step, tokenizer=tokenizer.to_json())
     return run, model
+
+
+def _checkpoint_step(workdir: pathlib.Path, cfg, checkpoint: str) -> int | None:
+    """--checkpoint as a step number; None for 'latest'."""
+    from flaxlm.checkpoint import CheckpointError, Checkpointer
+
+    if checkpoint == "latest":
+        return None
+    if checkpoint.isdigit():
+        return int(checkpoint)
+    if checkpoint != "best":
+        raise FlaxlmError(f"--checkpoint must be 'latest', 'best' or a step number, got {checkpoint!r}")
+    with Checkpointer(workdir, best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode,
+                      read_only=True) as checkpointer:
+        step = checkpointer.best_step()
+    if step is None:
+        raise CheckpointError(f"{workdir}: no finalized checkpoint to restore")
+    return step
 
 
 def _command(args) -> None:
@@ -105,7 +126,7 @@ def _command(args) -> None:
     elif args.command == "eval":
         from flaxlm.trainer import evaluate
 
-        run, model = _restored_run(pathlib.Path(args.workdir), args.overrides)
+        run, model = _restored_run(pathlib.Path(args.workdir), args.overrides, args.checkpoint)
         print(json.dumps({f"{args.split}/{k}": v for k, v in evaluate(run, model, args.split).items()}))
     elif args.command == "sample":
         import jax

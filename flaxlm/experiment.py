@@ -100,6 +100,11 @@ class TrainConfig:
     progress: bool = True
     init_from: str | None = None
 
+    @property
+    def best_mode(self) -> str:
+        """'max' when `best_metric` is an accuracy or BLEU, else 'min' (a loss)."""
+        return "max" if any(name in self.best_metric for name in ("accuracy", "bleu")) else "min"
+
     def __post_init__(self):
         for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "grad_accum_steps"):
             if getattr(self, name) < 1:

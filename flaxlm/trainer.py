@@ -178,10 +178,9 @@ def train(cfg: ExperimentConfig, workdir, *, progress: bool | None = None) -> di
     _make_workdir(workdir)
     tc = cfg.train
     writes = _WriteFaults(tc.on_write_error)
-    best_mode = "max" if any(name in tc.best_metric for name in ("accuracy", "bleu")) else "min"
     with Checkpointer(workdir, config=to_dict(cfg), tokenizer=run.task.tokenizer.to_json(),
                       max_to_keep=tc.keep_checkpoints, best_metric=tc.best_metric,
-                      best_mode=best_mode) as checkpointer:
+                      best_mode=tc.best_mode) as checkpointer:
         state, data = run.state, run.task.train_iterator()
         if checkpointer.latest_step() is not None:
             state, data_state, _ = checkpointer.restore(state)

@@ -153,6 +153,17 @@ def test_eval_on_another_test_file(trained, files, capsys):
     assert 0 < result["test/loss"] < 10 and 0 <= result["test/accuracy"] <= 1
 
 
+def test_eval_of_a_chosen_step_or_the_best_checkpoint(trained, capsys):
+    workdir, _ = trained
+    evals = {r["step"]: r["eval/loss"] for r in metrics_rows(workdir) if "eval/loss" in r}
+    best = min(evals, key=evals.get)  # train.best_metric is eval/loss; checkpoints are kept at steps 2 and 4
+    for choice, step in (("2", 2), ("best", best), ("latest", STEPS)):
+        assert cli.main(["eval", "--workdir", str(workdir), "--checkpoint", choice]) == 0
+        assert json.loads(capsys.readouterr().out)["valid/loss"] == pytest.approx(evals[step], abs=1e-6), choice
+    fails(capsys, ["eval", "--workdir", workdir, "--checkpoint", "3"], "no finalized checkpoint for step 3")
+    fails(capsys, ["eval", "--workdir", workdir, "--checkpoint", "first"], "--checkpoint", "'first'")
+
+
 def test_sample_greedy_is_deterministic(trained, capsys):
     workdir, _ = trained
     outputs = []
