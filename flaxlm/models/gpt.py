@@ -16,6 +16,7 @@ from flax import nnx
 from flaxlm.nn.attention import KVCache
 from flaxlm.nn.embeddings import Embed, PositionEmbedding
 from flaxlm.nn.transformer import Remat, TransformerDecoder, TransformerDecoderLayer
+from flaxlm.ops.dense import apply_to_rows
 from flaxlm.ops.dropout import dropout
 
 
@@ -123,6 +124,6 @@ class GPT(nnx.Module):
         x = dropout(x, self.cfg.dropout, embed_key)
         out = self.blocks(x, is_causal=True, cache=cache, dropout_key=blocks_key)
         x, new_cache = (out, None) if cache is None else out
-        logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
+        logits = self.wte.attend(x) if self.lm_head is None else apply_to_rows(self.lm_head, x)
         logits = logits.astype(jnp.float32)
         return logits if cache is None else (logits, new_cache)

@@ -21,6 +21,7 @@ from flax import nnx
 
 from flaxlm.nn.embeddings import Embed
 from flaxlm.nn.recurrent import RNN
+from flaxlm.ops.dense import apply_to_rows
 from flaxlm.ops.dropout import dropout
 from flaxlm.ops.masks import padding_mask
 
@@ -112,9 +113,9 @@ class Seq2Seq(nnx.Module):
         x = dropout(self.src_embed(src), self.cfg.dropout, embed_key)
         memory, carry = self.encoder(x, seq_lengths=src_lengths, return_carry=True, dropout_key=rnn_key)
         if self.cfg.attention == "bahdanau":
-            keys = self.attn_key(memory)
+            keys = apply_to_rows(self.attn_key, memory)
         elif self.cfg.attention == "luong":
-            keys = self.attn_score(memory)
+            keys = apply_to_rows(self.attn_score, memory)
         else:
             keys = memory
         return Seq2SeqState(carry, memory, keys, padding_mask(src_lengths, src.shape[1]))
@@ -135,10 +136,10 @@ class Seq2Seq(nnx.Module):
     def _logits(self, state: Seq2SeqState, top: jax.Array, context: jax.Array | None, key) -> jax.Array:
         """Top decoder states [B, T, H] (+ context) -> logits [B, T, V] float32."""
         if self.cfg.attention == "luong":
-            top = jnp.tanh(self.attn_combine(jnp.concatenate([context, top], axis=-1)))
+            top = jnp.tanh(apply_to_rows(self.attn_combine, jnp.concatenate([context, top], axis=-1)))
         elif self.cfg.attention == "bahdanau":
             top = jnp.concatenate([top, context], axis=-1)
-        return self.output(dropout(top, self.cfg.dropout, key)).astype(jnp.float32)
+        return apply_to_rows(self.output, dropout(top, self.cfg.dropout, key)).astype(jnp.float32)
 
     def decode_step(
         self,

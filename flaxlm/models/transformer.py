@@ -26,6 +26,7 @@ from flaxlm.nn.transformer import (
     TransformerEncoder,
     TransformerEncoderLayer,
 )
+from flaxlm.ops.dense import apply_to_rows
 from flaxlm.ops.dropout import dropout
 from flaxlm.ops.masks import padding_mask
 
@@ -170,7 +171,7 @@ class Transformer(nnx.Module):
         else:
             x, new_cache = self.decoder(x, memory, memory_mask=memory_mask, is_causal=True, cache=cache,
                                         dropout_key=decoder_key)
-        logits = self._target_embed().attend(x) if self.output is None else self.output(x)
+        logits = self._target_embed().attend(x) if self.output is None else apply_to_rows(self.output, x)
         logits = logits.astype(jnp.float32)
         if return_attention:
             return logits, weights

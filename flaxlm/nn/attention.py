@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxlm.ops.attention import dot_product_attention
+from flaxlm.ops.dense import dense
 from flaxlm.ops.masks import causal_mask, combine_masks
 from flaxlm.ops.positions import apply_rope
 
@@ -190,7 +191,7 @@ class MultiHeadAttention(nnx.Module):
             return_weights=return_weights, implementation=self.implementation,
         )
         out, weights = result if return_weights else (result, None)
-        out = jnp.einsum("bthd,hdf->btf", out, self.out_kernel[...].astype(self.dtype))
+        out = dense(out, self.out_kernel[...].astype(self.dtype), contract=2)
         if self.out_bias is not None:
             out = out + self.out_bias[...].astype(self.dtype)
         outputs = (out,) + ((weights,) if return_weights else ()) + ((new_cache,) if cache is not None else ())
@@ -228,15 +229,15 @@ class MultiHeadAttention(nnx.Module):
             w = self.qkv_kernel[...].astype(dt)
             b = self.qkv_bias[...].astype(dt) if self.qkv_bias is not None else jnp.zeros((3,) + w.shape[2:], dt)
             if x_kv is None:
-                qkv = jnp.einsum("btf,fjhd->jbthd", x_q, w) + b[:, None, None]
-                return qkv[0], qkv[1], qkv[2]
-            q = jnp.einsum("btf,fhd->bthd", x_q, w[:, 0]) + b[0]
-            kv = jnp.einsum("bsf,fjhd->jbshd", x_kv, w[:, 1:]) + b[1:, None, None]
-            return q, kv[0], kv[1]
+                qkv = dense(x_q, w) + b
+                return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            q = dense(x_q, w[:, 0]) + b[0]
+            kv = dense(x_kv, w[:, 1:]) + b[1:]
+            return q, kv[:, :, 0], kv[:, :, 1]
         x_kv = x_q if x_kv is None else x_kv
-        q = jnp.einsum("btf,fhd->bthd", x_q, self.q_kernel[...].astype(dt))
-        k = jnp.einsum("bsf,fkd->bskd", x_kv, self.k_kernel[...].astype(dt))
-        v = jnp.einsum("bsf,fkd->bskd", x_kv, self.v_kernel[...].astype(dt))
+        q = dense(x_q, self.q_kernel[...].astype(dt))
+        k = dense(x_kv, self.k_kernel[...].astype(dt))
+        v = dense(x_kv, self.v_kernel[...].astype(dt))
         if self.use_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)

@@ -40,7 +40,9 @@ class Embed(nnx.Module):
         """[..., F] -> logits [..., V] = x @ table^T (tied input/output embeddings)."""
         if x.shape[-1] != self.features:
             raise ValueError(f"attend expects [..., {self.features}] inputs, got {x.shape}")
-        return jnp.einsum("...f,vf->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        flat = x.reshape(-1, self.features).astype(self.dtype)  # a 2-D product (see flaxlm.ops.dense)
+        logits = jnp.einsum("nf,vf->nv", flat, self.embedding[...].astype(self.dtype))
+        return logits.reshape(x.shape[:-1] + (logits.shape[-1],))
 
 
 class PositionEmbedding(nnx.Module):

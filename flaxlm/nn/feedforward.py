@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flaxlm.ops.dense import apply_to_rows
 from flaxlm.ops.dropout import dropout
 
 ACTIVATIONS = {
@@ -52,6 +53,13 @@ class FeedForward(nnx.Module):
         )
 
     def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
-        """[..., F] -> [..., F]; dropout_key=None disables dropout."""
-        h = ACTIVATIONS[self.activation](self.up(x))
-        return self.down(dropout(h, self.dropout_rate, dropout_key))
+        """[..., F] -> [..., F]; dropout_key=None disables dropout.
+
+        The leading axes are flattened first so that both matmuls and their weight gradients are 2-D products
+        (see flaxlm.ops.dense).
+        """
+        def mlp(rows):
+            h = ACTIVATIONS[self.activation](self.up(rows))
+            return self.down(dropout(h, self.dropout_rate, dropout_key))
+
+        return apply_to_rows(mlp, x)
