@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flaxlm.ops.dense import apply_to_rows
 from flaxlm.ops.embedding import embedding_lookup
 from flaxlm.ops.positions import sinusoidal_positions
 
@@ -40,9 +41,8 @@ class Embed(nnx.Module):
         """[..., F] -> logits [..., V] = x @ table^T (tied input/output embeddings)."""
         if x.shape[-1] != self.features:
             raise ValueError(f"attend expects [..., {self.features}] inputs, got {x.shape}")
-        flat = x.reshape(-1, self.features).astype(self.dtype)  # a 2-D product (see flaxlm.ops.dense)
-        logits = jnp.einsum("nf,vf->nv", flat, self.embedding[...].astype(self.dtype))
-        return logits.reshape(x.shape[:-1] + (logits.shape[-1],))
+        table = self.embedding[...].astype(self.dtype)
+        return apply_to_rows(lambda rows: jnp.einsum("nf,vf->nv", rows.astype(self.dtype), table), x)
 
 
 class PositionEmbedding(nnx.Module):
