@@ -97,8 +97,9 @@ def _restored_run(workdir: pathlib.Path, overrides, checkpoint: str = "latest"):
 
 
 def _checkpoint_step(workdir: pathlib.Path, cfg, checkpoint: str) -> int | None:
-    """--checkpoint as a step number; None for 'latest'."""
-    from flaxlm.checkpoint import CheckpointError, Checkpointer
+    """--checkpoint as a step number; None for 'latest' (and for 'best' of a run without checkpoints, which
+    restore_params then reports)."""
+    from flaxlm.checkpoint import Checkpointer
 
     if checkpoint == "latest":
         return None
@@ -108,10 +109,7 @@ def _checkpoint_step(workdir: pathlib.Path, cfg, checkpoint: str) -> int | None:
         raise FlaxlmError(f"--checkpoint must be 'latest', 'best' or a step number, got {checkpoint!r}")
     with Checkpointer(workdir, best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode,
                       read_only=True) as checkpointer:
-        step = checkpointer.best_step()
-    if step is None:
-        raise CheckpointError(f"{workdir}: no finalized checkpoint to restore")
-    return step
+        return checkpointer.best_step()
 
 
 def _command(args) -> None:
