@@ -13,8 +13,7 @@ import json
 import pathlib
 import shutil
 
-import yaml
-
+from flaxlm.experiment import load_experiment
 from flaxlm.metrics_log import read_metrics
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -22,13 +21,13 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 def summarize(workdir: pathlib.Path, command: str, wall_s: float | None) -> dict:
     """The summary.json object of a finished run in `workdir`."""
-    config = yaml.safe_load((workdir / "config.yaml").read_text())
     rows = read_metrics(workdir / "metrics.jsonl")
     evals = [r for r in rows if "eval/loss" in r]
     if not evals:
         raise SystemExit(f"{workdir / 'metrics.jsonl'}: no evaluation rows; is the run finished?")
-    best_metric = config["train"]["best_metric"]
-    pick = max if any(word in best_metric for word in ("accuracy", "bleu")) else min
+    train = load_experiment(workdir / "config.yaml").train
+    best_metric = train.best_metric
+    pick = max if train.best_mode == "max" else min
     best = pick((r for r in evals if best_metric in r), key=lambda r: r[best_metric], default=evals[-1])
     logged_s = 0.0
     previous = 0
