@@ -30,11 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run's checkpoint (default: the latest)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--split", default="valid", choices=("valid", "test"))
-    p.add_argument("--checkpoint", default="latest",
-                   help="'latest', 'best' (the kept checkpoint best by the run's train.best_metric) or a step number")
+    _add_checkpoint_argument(p)
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. data.test=PATH")
 
-    p = sub.add_parser("sample", help="generate text from a language-model run")
+    p = sub.add_parser("sample", help="generate text from a language-model run's checkpoint (default: the latest)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--prompt", default="\n")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -43,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    _add_checkpoint_argument(p)
 
     p = sub.add_parser("translate", help="translate sentences with a translation run, one per line")
     p.add_argument("--workdir", required=True)
@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="file for the translations (default: stdout)")
     p.add_argument("--beam-size", type=int, default=4, help="1 = greedy decoding (default: 4)")
     p.add_argument("--length-penalty", type=float, default=0.6, help="GNMT length penalty alpha (default: 0.6)")
+    _add_checkpoint_argument(p)
 
     p = sub.add_parser(
         "attention", help="draw a PNG heatmap of attention weights for one sentence",
@@ -60,12 +61,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text", required=True, help="the source sentence (translate) or input text (classify)")
     p.add_argument("--output", default=None, help="PNG path (default: WORKDIR/attention.png)")
     p.add_argument("--layer", type=int, default=None, help="Transformer layer, from 0 (default: the last)")
+    _add_checkpoint_argument(p)
 
     p = sub.add_parser("bench", help="time a config's train step; prints one JSON object")
     p.add_argument("config")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("overrides", nargs="*")
     return parser
+
+
+def _add_checkpoint_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default="latest",
+                   help="'latest' (default), 'best' (the kept checkpoint best by the run's train.best_metric) or a "
+                        "step number")
 
 
 def _default_workdir(config: str) -> pathlib.Path:
@@ -132,7 +140,7 @@ def _command(args) -> None:
 
         from flaxlm.decode import sample, validate_sampling
 
-        run, model = _restored_run(pathlib.Path(args.workdir), [])
+        run, model = _restored_run(pathlib.Path(args.workdir), [], args.checkpoint)
         if run.cfg.task != "lm":
             raise FlaxlmError(f"{args.workdir}: sample needs a language-model run (task: lm), got {run.cfg.task}")
         tokenizer = run.task.tokenizer
@@ -156,7 +164,7 @@ def _command(args) -> None:
         from flaxlm.attention_plot import attention_map, plot_attention
 
         workdir = pathlib.Path(args.workdir)
-        run, model = _restored_run(workdir, [])
+        run, model = _restored_run(workdir, [], args.checkpoint)
         if run.cfg.task not in ("translate", "classify"):
             raise FlaxlmError(f"{workdir}: attention needs a translate or classify run, got task {run.cfg.task}")
         output = pathlib.Path(args.output) if args.output else workdir / "attention.png"
@@ -205,7 +213,7 @@ def _translate(args) -> None:
         raise FlaxlmError(f"--length-penalty must be >= 0, got {args.length_penalty}")
     lines = _read_source_lines(args.input)
     workdir = pathlib.Path(args.workdir)
-    run, model = _restored_run(workdir, [])
+    run, model = _restored_run(workdir, [], args.checkpoint)
     if run.cfg.task != "translate":
         raise FlaxlmError(f"{workdir}: translate needs a translation run (task: translate), got {run.cfg.task}")
     with _warnings_as_messages():

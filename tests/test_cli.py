@@ -180,6 +180,18 @@ def test_sample_greedy_is_deterministic(trained, capsys):
     assert len(capsys.readouterr().out.rstrip("\n")) == 16, "default --max-new-tokens fills the context"
 
 
+def test_sample_reads_the_chosen_checkpoint(trained, capsys):
+    workdir, _ = trained
+    argv = ["sample", "--workdir", str(workdir), "--prompt", "The ", "--max-new-tokens", "8", "--temperature", "0"]
+    outputs = {}
+    for choice in (None, "latest", str(STEPS), "2"):
+        assert cli.main(argv + ([] if choice is None else ["--checkpoint", choice])) == 0
+        outputs[choice] = capsys.readouterr().out
+    assert outputs[None] == outputs["latest"] == outputs[str(STEPS)]
+    assert outputs["2"].startswith("The ")
+    fails(capsys, argv + ["--checkpoint", "3"], "no finalized checkpoint for step 3")
+
+
 def test_bench_prints_one_json_object(files, capsys):
     _, config = files
     assert cli.main(["bench", str(config), "--steps", "3"]) == 0
@@ -427,6 +439,12 @@ def test_translate_errors(translate_run, trained, tmp_path, capsys):
     source.write_text("ein hund .\n", encoding="utf-8")
     fails(capsys, ["translate", "--workdir", trained[0], "--input", source], "translate needs a translation run")
     fails(capsys, ["attention", "--workdir", trained[0], "--text", "x"], "attention needs a translate or classify run")
+    fails(capsys, ["translate", "--workdir", workdir, "--input", source, "--checkpoint", "1"],
+          "no finalized checkpoint for step 1")
+    fails(capsys, ["attention", "--workdir", workdir, "--text", "ein hund", "--checkpoint", "1"],
+          "no finalized checkpoint for step 1")
+    assert cli.main(["translate", "--workdir", str(workdir), "--input", str(source), "--checkpoint", "best"]) == 0
+    assert capsys.readouterr().out.count("\n") == 1
 
 
 def test_attention_writes_a_png(translate_run, tmp_path, capsys):
