@@ -37,6 +37,17 @@ CONFIG = ROOT / "configs" / "char_gpt_cpu.yaml"
 EVAL_STEPS = (500, 1000, 1500, 2000)
 
 
+def shakespeare_splits() -> tuple[np.ndarray, np.ndarray, int]:
+    """nanoGPT's shakespeare_char prepare.py: ids over the sorted characters of the whole text; first 90% train,
+    last 10% val. Returns (train ids [N_train] int32, val ids [N_val] int32, vocabulary size)."""
+    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    index = {c: i for i, c in enumerate(chars)}
+    ids = np.array([index[c] for c in text], np.int32)
+    cut = int(len(text) * 0.9)
+    return ids[:cut], ids[cut:], len(chars)
+
+
 def _lr(it: int, steps: int) -> float:
     """nanoGPT's get_lr: linear warmup over 100 iterations, cosine from 1e-3 to 1e-4 at `steps`."""
     if it < 100:
@@ -126,15 +137,11 @@ def main():
     parser.add_argument("--only", choices=("torch", "flaxlm"), default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337])
     args = parser.parse_args()
-    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
-    chars = sorted(set(text))
-    index = {c: i for i, c in enumerate(chars)}
-    ids = np.array([index[c] for c in text], np.int32)
-    cut = int(len(text) * 0.9)
+    train_ids, val_ids, vocab = shakespeare_splits()
     results = {"steps": args.steps, "seeds": args.seeds, "torch_version": torch.__version__,
                "torch_threads": torch.get_num_threads()}
     runners = {"flaxlm": lambda seed: run_flaxlm(args.steps, seed),
-               "pytorch": lambda seed: run_torch(ids[:cut], ids[cut:], len(chars), args.steps, seed)}
+               "pytorch": lambda seed: run_torch(train_ids, val_ids, vocab, args.steps, seed)}
     for name, runner in runners.items():
         if args.only is None or {"torch": "pytorch"}.get(args.only, args.only) == name:
             results[name] = _summary([runner(seed) for seed in args.seeds], args.seeds, args.steps)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "interop"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from char_gpt import _lr, _torch_eval  # noqa: E402
+from char_gpt import _lr, _torch_eval, shakespeare_splits  # noqa: E402
 from nanogpt_reference import ReferenceArgs, ReferenceGPT  # noqa: E402
 
 BLOCK, BATCH, EVAL_ITERS, EVAL_INTERVAL, MAX_ITERS = 64, 12, 20, 250, 2000
@@ -90,12 +90,8 @@ def main():
     parser.add_argument("--seed", type=int, nargs="+", default=[1337])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
-    chars = sorted(set(text))
-    index = {c: i for i, c in enumerate(chars)}
-    ids = np.array([index[c] for c in text], np.int32)
-    cut = int(len(text) * 0.9)
-    runs = {str(seed): replay(ids[:cut], ids[cut:], len(chars), seed) for seed in args.seed}
+    train_ids, val_ids, vocab = shakespeare_splits()
+    runs = {str(seed): replay(train_ids, val_ids, vocab, seed) for seed in args.seed}
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps({"torch_version": torch.__version__, "runs": runs}, indent=2)
                                           + "\n")
