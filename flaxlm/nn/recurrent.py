@@ -229,11 +229,12 @@ class RNN(nnx.Module):
             initial_carry = self.initial_carry(xs.shape[0])
         carry0 = initial_carry if self.cell == "lstm" else (initial_carry,)
 
-        layer_input = xs.astype(self.dtype)
+        layer_input = jnp.swapaxes(xs.astype(self.dtype), 0, 1)  # time-major [T, B, F] through all layers
         finals = []
         for layer in range(self.num_layers):
             if layer > 0 and dropout_key is not None:
-                layer_input = dropout(layer_input, self.dropout_rate, jax.random.fold_in(dropout_key, layer))
+                key = jax.random.fold_in(dropout_key, layer)  # the mask is drawn batch-major, as it always was
+                layer_input = dropout(layer_input.swapaxes(0, 1), self.dropout_rate, key).swapaxes(0, 1)
             outputs = []
             for direction in range(self.num_directions):
                 index = layer * self.num_directions + direction
@@ -246,6 +247,7 @@ class RNN(nnx.Module):
                     start if self.cell == "lstm" else start[0],
                     lengths=seq_lengths,
                     reverse=direction == 1,
+                    time_major=True,
                 )
                 outputs.append(out)
                 finals.append(final if self.cell == "lstm" else (final,))
@@ -253,6 +255,7 @@ class RNN(nnx.Module):
 
         stacked = tuple(jnp.stack(parts) for parts in zip(*finals))
         carry = stacked if self.cell == "lstm" else stacked[0]
+        outputs = jnp.swapaxes(layer_input, 0, 1)
         if return_sequences and return_carry:
-            return layer_input, carry
-        return layer_input if return_sequences else carry
+            return outputs, carry
+        return outputs if return_sequences else carry

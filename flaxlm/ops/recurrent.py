@@ -96,18 +96,6 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def reverse_within_lengths(xs: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Reverse each sequence of xs [B, T, ...] inside its valid part t < lengths[b]; padding stays in place.
-
-    This is an involution: applying it twice gives xs back.
-    """
-    t = jnp.arange(xs.shape[1])[None, :]
-    lengths = lengths[:, None]
-    index = jnp.where(t < lengths, lengths - 1 - t, t)
-    index = index.reshape(index.shape + (1,) * (xs.ndim - 2))
-    return jnp.take_along_axis(xs, index, axis=1)
-
-
 def recurrent_scan(
     cell: str | StepFn,
     params: CellParams,
@@ -116,6 +104,7 @@ def recurrent_scan(
     *,
     lengths: jax.Array | None = None,
     reverse: bool = False,
+    time_major: bool = False,
 ) -> tuple[jax.Array, Carry]:
     """Run a recurrent cell over xs [B, T, F] from carry0; returns (outputs [B, T, H], final carry).
 
@@ -127,25 +116,28 @@ def recurrent_scan(
       lengths are not checked.
     reverse: process each sequence from its last valid step to its first (like the backward direction of a torch
       packed sequence). outputs[:, t] is still the output at input position t.
+    time_major: xs is [T, B, F] and outputs are [T, B, H] (no transposes; stacked layers stay time-major).
 
-    The input projection xs @ w_ih + b_ih is one [B*T, F] x [F, G*H] matmul done before the scan; only h @ w_hh
-    runs inside `jax.lax.scan`.
+    The input projection xs @ w_ih + b_ih is one [T*B, F] x [F, G*H] matmul done before the scan; only h @ w_hh
+    runs inside `jax.lax.scan`. Padding sits at the end of each sequence, so the reverse direction scans from
+    t = T - 1 down and keeps carry0 until it meets the sequence's last valid step: no per-sequence reversal.
     """
     step = STEP_FUNCTIONS.get(cell) if isinstance(cell, str) else cell
     if step is None:
         raise ValueError(f"cell must be one of {sorted(STEP_FUNCTIONS)} or a step function, got {cell!r}")
     xs = jnp.asarray(xs)
     if xs.ndim != 3:
-        raise ValueError(f"xs must have shape [B, T, F], got shape {xs.shape}")
-    batch, length, features = xs.shape
+        raise ValueError(f"xs must have shape {'[T, B, F]' if time_major else '[B, T, F]'}, got shape {xs.shape}")
+    shape = xs.shape
+    if not time_major:
+        xs = jnp.swapaxes(xs, 0, 1)
+    length, batch, features = xs.shape
     if params.w_ih.ndim != 2 or params.w_ih.shape[0] != features:
-        raise ValueError(f"xs has {features} features (shape {xs.shape}) but w_ih has shape {params.w_ih.shape}")
+        raise ValueError(f"xs has {features} features (shape {shape}) but w_ih has shape {params.w_ih.shape}")
     if lengths is not None:
         lengths = jnp.asarray(lengths)
         if lengths.shape != (batch,):
-            raise ValueError(
-                f"lengths must have shape [B] = ({batch},) for xs of shape {xs.shape}, got {lengths.shape}"
-            )
+            raise ValueError(f"lengths must have shape [B] = ({batch},) for xs of shape {shape}, got {lengths.shape}")
         if not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise ValueError(f"lengths must be integers, got dtype {lengths.dtype}")
         if _is_concrete(lengths):
@@ -153,31 +145,25 @@ def recurrent_scan(
             if host.min(initial=0) < 0 or host.max(initial=0) > length:
                 raise ValueError(f"lengths must lie in [0, T={length}], got {host.tolist()}")
 
-    x_proj = xs.reshape(batch * length, features) @ params.w_ih
+    x_proj = xs.reshape(length * batch, features) @ params.w_ih
     if params.b_ih is not None:
         x_proj = x_proj + params.b_ih
-    x_proj = x_proj.reshape(batch, length, params.w_ih.shape[1])
+    x_proj = x_proj.reshape(length, batch, params.w_ih.shape[1])
 
     if lengths is None:
         def body(carry, x_t):
             return step(params, carry, x_t)
 
-        carry, outs = jax.lax.scan(body, carry0, jnp.swapaxes(x_proj, 0, 1), reverse=reverse)
-        return jnp.swapaxes(outs, 0, 1), carry
+        carry, outs = jax.lax.scan(body, carry0, x_proj, reverse=reverse)
+    else:
+        valid = jnp.arange(length)[:, None] < lengths[None, :]  # [T, B]
 
-    if reverse:
-        x_proj = reverse_within_lengths(x_proj, lengths)
-    valid = jnp.arange(length)[:, None] < lengths[None, :]  # [T, B]
+        def masked_body(carry, inputs):
+            x_t, valid_t = inputs
+            new_carry, out = step(params, carry, x_t)
+            keep = valid_t[:, None]
+            new_carry = jax.tree.map(lambda new, old: jnp.where(keep, new, old), new_carry, carry)
+            return new_carry, jnp.where(keep, out, jnp.zeros_like(out))
 
-    def masked_body(carry, inputs):
-        x_t, valid_t = inputs
-        new_carry, out = step(params, carry, x_t)
-        keep = valid_t[:, None]
-        new_carry = jax.tree.map(lambda new, old: jnp.where(keep, new, old), new_carry, carry)
-        return new_carry, jnp.where(keep, out, jnp.zeros_like(out))
-
-    carry, outs = jax.lax.scan(masked_body, carry0, (jnp.swapaxes(x_proj, 0, 1), valid))
-    outs = jnp.swapaxes(outs, 0, 1)
-    if reverse:
-        outs = reverse_within_lengths(outs, lengths)
-    return outs, carry
+        carry, outs = jax.lax.scan(masked_body, carry0, (x_proj, valid), reverse=reverse)
+    return (outs if time_major else jnp.swapaxes(outs, 0, 1)), carry

@@ -14,7 +14,6 @@ from flaxlm.ops.recurrent import (
     gru_step,
     lstm_step,
     recurrent_scan,
-    reverse_within_lengths,
     rnn_step,
 )
 
@@ -22,6 +21,13 @@ B, T, F, H = 3, 6, 4, 5
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 STEPS = {"rnn_tanh": rnn_step, "rnn_relu": partial(rnn_step, nonlinearity="relu"), "lstm": lstm_step, "gru": gru_step}
 PROPERTY_SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)
+
+
+def reverse_within_lengths(xs, lengths):
+    """Reverse each sequence of xs [B, T, ...] inside t < lengths[b]; padding stays in place (the reference)."""
+    t = jnp.arange(xs.shape[1])[None, :]
+    index = jnp.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)
+    return jnp.take_along_axis(xs, index.reshape(index.shape + (1,) * (xs.ndim - 2)), axis=1)
 
 
 def make_params(kind, seed=0, bias=True):
@@ -91,6 +97,20 @@ def test_custom_step_function_and_jit_with_traced_lengths():
     run = jax.jit(lambda p, x, n: recurrent_scan(step, p, x, make_carry("rnn_tanh"), lengths=n, reverse=True))
     ref = recurrent_scan("rnn", params, xs, make_carry("rnn_tanh"), lengths=lengths, reverse=True)
     assert max_diff(run(params, xs, lengths), ref) <= 1e-6
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("lengths", [None, [6, 3, 0]])
+def test_time_major_equals_batch_major(reverse, lengths):
+    params, xs = make_params("lstm"), make_xs()
+    lengths = None if lengths is None else jnp.array(lengths)
+    outs, carry = recurrent_scan("lstm", params, xs, make_carry("lstm"), lengths=lengths, reverse=reverse)
+    outs_tm, carry_tm = recurrent_scan(
+        "lstm", params, xs.swapaxes(0, 1), make_carry("lstm"), lengths=lengths, reverse=reverse, time_major=True
+    )
+    assert outs_tm.shape == (T, B, H)
+    assert max_diff(outs_tm.swapaxes(0, 1), outs) == 0.0
+    assert max_diff(carry_tm, carry) == 0.0
 
 
 def test_reverse_within_lengths_is_an_involution_that_keeps_padding():
