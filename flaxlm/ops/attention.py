@@ -15,6 +15,7 @@ from flaxlm.ops.masks import causal_mask, combine_masks
 
 _IMPLEMENTATIONS = (None, "xla", "cudnn")
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+QUERY_BLOCK = 128  # query rows per block of causal attention on the XLA path (see _xla_attention)
 
 
 def dot_product_attention(
@@ -81,9 +82,7 @@ def dot_product_attention(
         except (NotImplementedError, ValueError, RuntimeError):
             pass
 
-    if is_causal:
-        mask = combine_masks(mask, causal_mask(q_len, kv_len)[None, None])
-    out, weights = _xla_attention(q, k, v, mask, bias, dropout_rate if use_dropout else 0.0, dropout_key)
+    out, weights = _xla_attention(q, k, v, mask, bias, is_causal, dropout_rate if use_dropout else 0.0, dropout_key)
     if return_weights:
         return out, weights
     return out
@@ -116,25 +115,53 @@ def _broadcastable(x: jax.Array | None, name: str, target: tuple[int, ...]) -> j
     return x
 
 
-def _xla_attention(q, k, v, mask, bias, dropout_rate, dropout_key):
-    """Explicit path. Grouped heads stay as [K, G] so k/v are never repeated in memory."""
+def _rows(x: jax.Array | None, start: int, stop: int, keys: int) -> jax.Array | None:
+    """Query rows start:stop and the first `keys` key columns of a [B|1, H|1, T|1, S|1] mask or bias."""
+    if x is None:
+        return None
+    rows = slice(start, stop) if x.shape[2] > 1 else slice(None)
+    cols = slice(0, keys) if x.shape[3] > 1 else slice(None)
+    return x[:, :, rows, cols]
+
+
+def _xla_attention(q, k, v, mask, bias, is_causal, dropout_rate, dropout_key):
+    """Explicit path. Grouped heads stay as [K, G] so k/v are never repeated in memory.
+
+    Causal attention runs in blocks of QUERY_BLOCK query rows, each against only the keys it may see (block i:
+    keys up to its last row), so a long causal sequence computes about half of the [T, S] logits and each block's
+    logits stay in cache. Dropout draws one mask per block (fold_in of the key with the block's first row) when
+    there is more than one block. Returns (out [B, T, H, Dv], weights [B, H, T, S]).
+    """
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     qg = q.reshape(batch, q_len, kv_heads, groups, head_dim)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    logits = logits.reshape(batch, heads, q_len, kv_len) * (1.0 / math.sqrt(head_dim))
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
-    if mask is not None:
-        weights = jnp.where(mask, weights, 0.0)
-    weights = dropout(weights, dropout_rate, dropout_key)
-    wg = weights.astype(v.dtype).reshape(batch, kv_heads, groups, q_len, kv_len)
-    out = jnp.einsum("bkgts,bskd->btkgd", wg, v, preferred_element_type=jnp.float32)
+    block = QUERY_BLOCK if is_causal else q_len
+    blocks = range(0, q_len, block) if q_len else range(1)
+    outs, all_weights = [], []
+    for start in blocks:
+        stop = min(start + block, q_len)
+        keys = min(stop, kv_len) if is_causal else kv_len
+        causal = causal_mask(stop - start, keys, offset=start)[None, None] if is_causal else None
+        block_mask = combine_masks(_rows(mask, start, stop, keys), causal)
+        block_bias = _rows(bias, start, stop, keys)
+        logits = jnp.einsum("btkgd,bskd->bkgts", qg[:, start:stop], k[:, :keys], preferred_element_type=jnp.float32)
+        logits = logits.reshape(batch, heads, stop - start, keys) * (1.0 / math.sqrt(head_dim))
+        if block_bias is not None:
+            logits = logits + block_bias.astype(jnp.float32)
+        if block_mask is not None:
+            logits = jnp.where(block_mask, logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1)
+        if block_mask is not None:
+            weights = jnp.where(block_mask, weights, 0.0)
+        key = dropout_key if len(blocks) == 1 or dropout_key is None else jax.random.fold_in(dropout_key, start)
+        weights = dropout(weights, dropout_rate, key)
+        wg = weights.astype(v.dtype).reshape(batch, kv_heads, groups, stop - start, keys)
+        outs.append(jnp.einsum("bkgts,bskd->btkgd", wg, v[:, :keys], preferred_element_type=jnp.float32))
+        all_weights.append(jnp.pad(weights, ((0, 0), (0, 0), (0, 0), (0, kv_len - keys))))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
     out = out.reshape(batch, q_len, heads, v.shape[-1]).astype(q.dtype)
+    weights = all_weights[0] if len(all_weights) == 1 else jnp.concatenate(all_weights, axis=2)
     return out, weights.astype(q.dtype)
 
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flaxlm.ops.attention import dot_product_attention
+from flaxlm.ops.attention import QUERY_BLOCK, dot_product_attention
 from flaxlm.ops.masks import attention_mask, causal_mask, padding_mask
 
 torch = pytest.importorskip("torch", reason="torch not installed: parity tests need it (pip install -e .[test])")
@@ -79,6 +79,36 @@ def test_gradients_match_torch(name):
     tmask, tcausal = _torch_mask(case)
     ref, leaves = _torch_sdpa(q, k, v, tmask, tcausal, requires_grad=True)
     (ref * torch.tensor(cot)).sum().backward()
+    for g, leaf in zip(grads, leaves):
+        np.testing.assert_allclose(g, leaf.grad.numpy(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("s_extra", [0, 7, -40])
+def test_causal_query_blocks_match_torch(s_extra):
+    """T spans several query blocks (the last one partial); keys S = T + s_extra; GQA, key padding, bias, grads."""
+    t = 2 * QUERY_BLOCK + 37
+    s = t + s_extra
+    q, k, v = _qkv(7, t=t, s=s, h=4, kv_heads=2)
+    kv_valid = jnp.arange(s)[None, :] < jnp.array([s, s - 50])[:, None]
+    mask = kv_valid[:, None, None, :]
+    bias = np.random.default_rng(8).standard_normal((1, 4, t, s), dtype=np.float32)
+    cot = np.random.default_rng(9).standard_normal((B, t, 4, D), dtype=np.float32)
+
+    def loss(q, k, v):
+        out, weights = dot_product_attention(q, k, v, mask=mask, bias=bias, is_causal=True, return_weights=True)
+        return jnp.sum(out * cot), (out, weights)
+
+    grads, (out, weights) = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    full = np.asarray(mask & causal_mask(t, s))
+    leaves = [torch.tensor(a, requires_grad=True) for a in (q, k, v)]
+    tq, tk, tv = (a.transpose(1, 2) for a in leaves)
+    tk, tv = (x.repeat_interleave(2, dim=1) for x in (tk, tv))
+    logits = tq @ tk.transpose(-1, -2) / np.sqrt(D) + torch.tensor(bias)
+    ref_weights = torch.softmax(logits.masked_fill(~torch.tensor(full), float("-inf")), dim=-1)
+    ref = (ref_weights @ tv).transpose(1, 2)
+    (ref * torch.tensor(cot)).sum().backward()
+    np.testing.assert_allclose(out, ref.detach().numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(weights, ref_weights.detach().numpy(), atol=1e-6, rtol=0)
     for g, leaf in zip(grads, leaves):
         np.testing.assert_allclose(g, leaf.grad.numpy(), atol=1e-4, rtol=0)
 
