@@ -28,6 +28,7 @@ class GPTSize:
     block_size: int
     batch: int
     vocab: int = 65
+    remat: str = "dots"  # flaxlm's GPTConfig.remat (PyTorch keeps every activation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +61,7 @@ class Seq2SeqSize:
 
 SIZES = {
     "gpt_cpu": GPTSize(n_layer=4, n_head=4, n_embd=128, block_size=64, batch=12),
-    "gpt_large": GPTSize(n_layer=6, n_head=6, n_embd=384, block_size=256, batch=16),
+    "gpt_large": GPTSize(n_layer=6, n_head=6, n_embd=384, block_size=256, batch=16, remat="dots_all"),
     "bilstm": BiLSTMSize(layers=2, embed=256, hidden=256, batch=64, length=64, vocab=16384),
     "seq2seq": Seq2SeqSize(layers=2, embed=256, hidden=512, batch=64, src_length=24, tgt_length=24,
                            src_vocab=8000, tgt_vocab=8000),

@@ -36,7 +36,8 @@ def make_model(size, seed: int = 0) -> nnx.Module:
     rngs = nnx.Rngs(seed)
     if isinstance(size, GPTSize):
         return GPT(GPTConfig(vocab_size=size.vocab, block_size=size.block_size, n_layer=size.n_layer,
-                             n_head=size.n_head, n_embd=size.n_embd, dropout=0.0, bias=False, tie_embeddings=True),
+                             n_head=size.n_head, n_embd=size.n_embd, dropout=0.0, bias=False, tie_embeddings=True,
+                             remat=size.remat),
                    rngs=rngs)
     if isinstance(size, BiLSTMSize):
         return TextClassifier(ClassifierConfig(vocab_size=size.vocab, num_classes=size.classes, backbone="bilstm",

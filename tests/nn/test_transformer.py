@@ -259,7 +259,7 @@ def test_causal_decoder_output_ignores_the_future(t, seed):
     np.testing.assert_allclose(forward(x)[:, : t + 1], forward(changed)[:, : t + 1], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("remat", ["none", "dots", "full"])
+@pytest.mark.parametrize("remat", ["none", "dots", "dots_all", "full"])
 def test_remat_policies_give_the_same_values_and_gradients(remat):
     """Recomputing in the backward pass changes what is stored, never the result (dropout keys are explicit)."""
     x = jax.random.normal(jax.random.key(1), (B, T, E))
