@@ -27,6 +27,9 @@ speed_cases.tokens_per_step), model FLOPs per step (analytic, speed_cases.model_
 FLOPs / median step time / peak, where the peak is the larger of two measurements of a 2048^2 float32 matmul
 under jax.jit (flaxlm.bench.matmul_peak_flops), one before the cases and one after. Ratios are flaxlm / PyTorch
 (< 1: flaxlm is faster). A torch.compile failure is recorded with its one-line reason, not raised.
+`--rounds N` runs each case's frameworks N times in alternation (flaxlm, torch, torch.compile, flaxlm, ...): the
+reported run of a framework is its median round, and a ratio is the median over rounds of the ratio of the two
+runs of the same round, which cancels most of a host's drift between minutes.
 
 --compile-depth: compile time (jit lowering, then XLA compilation, each timed) of the GPT train step at width
 128, context 64, 4 heads, batch 12, with 2 and with 12 layers, each in a fresh process; the layers run under
@@ -254,28 +257,49 @@ def _case_job(name: str, size, framework: str, args) -> dict:
 
 
 def run_case(name: str, size, args) -> dict:
-    """All frameworks of one case, with derived figures (tokens/s, MFU filled in later) and ratios."""
-    flops = model_flops_per_step(size)
+    """All frameworks of one case, `args.rounds` times in alternation, with derived figures and ratios."""
     tokens = tokens_per_step(size)
-    out = {"size": dataclasses.asdict(size), "tokens_per_step": tokens, "model_flops_per_step": flops}
     frameworks = [f for f in FRAMEWORKS if f != "torch_compile" or args.torch_compile]
-    for framework in frameworks:
-        env = None
-        with tempfile.TemporaryDirectory() as cache:
-            if framework == "torch_compile":  # a fresh Inductor cache: the first call compiles from scratch
-                env = {"TORCHINDUCTOR_CACHE_DIR": cache}
-            result = run_worker(_case_job(name, size, framework, args), args.timeout, env)
-        if "median_step_s" in result:
-            result["tokens_per_s"] = tokens / result["median_step_s"]
-        out[framework] = result
-        print(f"{name} {framework}: {_describe(result)}", flush=True)
-    for other in ("torch", "torch_compile"):
-        if _ok(out.get("flaxlm")) and _ok(out.get(other)):
-            out[f"ratio_flaxlm_{other}"] = out["flaxlm"]["median_step_s"] / out[other]["median_step_s"]
+    rounds = []
+    for index in range(args.rounds):
+        runs = {}
+        for framework in frameworks:
+            env = None
+            with tempfile.TemporaryDirectory() as cache:
+                if framework == "torch_compile":  # a fresh Inductor cache: the first call compiles from scratch
+                    env = {"TORCHINDUCTOR_CACHE_DIR": cache}
+                result = run_worker(_case_job(name, size, framework, args), args.timeout, env)
+            if "median_step_s" in result:
+                result["tokens_per_s"] = tokens / result["median_step_s"]
+            runs[framework] = result
+            label = f" (round {index + 1}/{args.rounds})" if args.rounds > 1 else ""
+            print(f"{name} {framework}{label}: {_describe(result)}", flush=True)
+        rounds.append(runs)
+    out = {"size": dataclasses.asdict(size), "tokens_per_step": tokens,
+           "model_flops_per_step": model_flops_per_step(size), **combine_rounds(rounds)}
     counts = {f: out[f]["num_params"] for f in frameworks if "num_params" in out[f]}
     out["num_params"] = counts
     if len(set(counts.values())) > 1:
         print(f"warning: {name}: parameter counts differ: {counts}", file=sys.stderr)
+    return out
+
+
+def combine_rounds(rounds: list[dict[str, dict]]) -> dict:
+    """Per framework the run with the median step time over rounds (with every round's median in `rounds_s`), and
+    each ratio flaxlm / other as the median over rounds of the two frameworks' times measured in the same round."""
+    out = {}
+    for framework in rounds[0]:
+        runs = [r[framework] for r in rounds]
+        ok = sorted((r for r in runs if _ok(r)), key=lambda r: r["median_step_s"])
+        out[framework] = dict(ok[(len(ok) - 1) // 2] if ok else runs[0])
+        if len(rounds) > 1:
+            out[framework]["rounds_s"] = [r.get("median_step_s") for r in runs]
+    for other in ("torch", "torch_compile"):
+        paired = [r["flaxlm"]["median_step_s"] / r[other]["median_step_s"] for r in rounds
+                  if _ok(r.get("flaxlm")) and _ok(r.get(other))]
+        if paired:
+            out[f"ratio_flaxlm_{other}"] = statistics.median(paired)
+            out[f"ratios_flaxlm_{other}"] = paired
     return out
 
 
@@ -336,6 +360,13 @@ def _cell(value, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
+def _rounds_note(rounds: int) -> str:
+    if rounds == 1:
+        return ""
+    return (f", {rounds} rounds alternating the frameworks (times: the median round; ratio: median over rounds of "
+            f"the ratio within a round)")
+
+
 def markdown(results: dict) -> str:
     """The README table plus notes (machine, settings, failures, the two studies)."""
     m, s = results["machine"], results["settings"]
@@ -362,7 +393,8 @@ def markdown(results: dict) -> str:
     lines.append(f"float32, {m['cpu_model']} ({m['cpu_count']} cores), jax {m['versions']['jax']}, torch "
                  f"{m['versions']['torch']} ({s['torch_threads']} threads), {m['date']}; median of {s['steps']} "
                  f"steps after {s['warmup']} warm-up steps{' (tiny sizes)' if s['tiny'] else ''}; each case and "
-                 f"framework in its own process; ratio = flaxlm / PyTorch (< 1: flaxlm faster); load average "
+                 f"framework in its own process{_rounds_note(s.get('rounds', 1))}; ratio = flaxlm / PyTorch "
+                 f"(< 1: flaxlm faster); load average "
                  f"{m['loadavg_before'][0]:.1f} before, {m['loadavg_after'][0]:.1f} after.")
     if peak:
         lines.append(f"MFU = analytic model FLOPs per step / median step time / {peak / 1e9:.0f} GFLOP/s (2048^2 "
@@ -395,6 +427,8 @@ def main(argv=None) -> int:
                         help="cases to run (none: only the studies asked for)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per case and framework")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (compiling) one")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every framework of a case this many times, alternating (ratios: median over rounds)")
     parser.add_argument("--pooling", choices=("last", "max"), default="last", help="BiLSTM pooling")
     parser.add_argument("--tiny", action="store_true", help="shrink every case (smoke test; numbers meaningless)")
     parser.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
@@ -410,15 +444,16 @@ def main(argv=None) -> int:
     if args.worker is not None:
         worker_main(json.loads(args.worker))
         return 0
-    if args.steps < 1 or args.warmup < 0:
-        parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error(f"--steps and --rounds must be >= 1 and --warmup >= 0, got {args.steps}, {args.rounds} and "
+                     f"{args.warmup}")
     if args.loop_overhead and args.loop_steps <= args.loop_log_every:
         parser.error(f"--loop-steps ({args.loop_steps}) must exceed --loop-log-every ({args.loop_log_every}): "
                      "the first log window (compilation) is excluded")
 
     results = {"machine": machine_info(),
                "settings": {"steps": args.steps, "warmup": args.warmup, "tiny": args.tiny, "pooling": args.pooling,
-                            "cases": args.cases, "torch_compile": args.torch_compile,
+                            "cases": args.cases, "torch_compile": args.torch_compile, "rounds": args.rounds,
                             "torch_threads": len(os.sched_getaffinity(0))},
                "cases": {}}
     if args.cases:

@@ -20,6 +20,7 @@ from flax import nnx
 torch = pytest.importorskip("torch", reason="torch not installed: parity tests need it (pip install -e .[test])")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import speed  # noqa: E402
 import speed_cases  # noqa: E402
 import speed_flaxlm  # noqa: E402
 import speed_torch  # noqa: E402
@@ -111,3 +112,21 @@ def test_lstm_flops_formula():
     per_token = 2 * 4 * 256 * (256 + 256) + 2 * 4 * 256 * (512 + 256)
     expected = 6 * (64 * 64 * per_token + 64 * 512 * 2)
     assert speed_cases.model_flops_per_step(size) == expected
+
+
+def test_rounds_give_the_median_run_and_the_median_paired_ratio():
+    """Three rounds on a drifting host: each framework reports its median round; ratios pair runs of one round."""
+
+    def run(ms):
+        return {"median_step_s": ms / 1e3, "num_params": 1}
+
+    rounds = [{"flaxlm": run(100), "torch": run(50)},  # a slow minute for both: ratio 2.0
+              {"flaxlm": run(60), "torch": run(60)},  # ratio 1.0
+              {"flaxlm": run(90), "torch": {"error": "worker exited with status 1: boom"}}]
+    out = speed.combine_rounds(rounds)
+    assert out["flaxlm"]["median_step_s"] == 0.09
+    assert out["flaxlm"]["rounds_s"] == [0.1, 0.06, 0.09]
+    assert out["torch"]["median_step_s"] == 0.05  # the median of its two good rounds (the lower one)
+    assert out["ratios_flaxlm_torch"] == [2.0, 1.0]
+    assert out["ratio_flaxlm_torch"] == 1.5
+    assert "ratio_flaxlm_torch_compile" not in out
