@@ -11,9 +11,8 @@ recomputes attention and the elementwise ops; 'dots_all' also keeps attention's 
 On XLA:CPU 'dots' is the fastest for short contexts (the GPT train step of the nanoGPT CPU config, context 64:
 64 ms against 76 ms with 'dots_all', and in another sitting 60 ms against 95 ms with 'none': the stacked buffers
 of saved attention weights and activations cost more to fill and read than the recomputation), and it needs less
-memory everywhere. With
-long contexts recomputing attention costs more than keeping it: context 256 (benchmarks' gpt_large), 'dots_all'
-3.27 s against 3.63 s for 'dots' and 3.82 s for 'none'.
+memory everywhere. With long contexts recomputing attention costs more than keeping it: context 256
+(benchmarks' gpt_large), 'dots_all' 3.27 s against 3.63 s for 'dots' and 3.82 s for 'none'.
 """
 
 from collections.abc import Callable
