@@ -2,6 +2,6 @@
 
 import sys
 
-from flaxlm.cli import main
+from flaxlm.cli import run
 
-sys.exit(main())
+sys.exit(run())

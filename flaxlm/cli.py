@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from flaxlm.errors import FlaxlmError
+from flaxlm.hugepage_malloc import reexec_with_hugepage_malloc
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -252,3 +253,9 @@ def main(argv=None) -> int:
         print("flaxlm: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def run() -> int:
+    """The `flaxlm` console command and `python -m flaxlm`: restart with huge-page malloc, then `main()`."""
+    reexec_with_hugepage_malloc()
+    return main()
