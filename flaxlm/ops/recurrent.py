@@ -10,7 +10,10 @@ with G = 1 (RNN), 4 (LSTM: gates i, f, g, o) or 3 (GRU: gates r, z, n). Biases m
 
 A step function has the signature `step(params, carry, x_proj) -> (new_carry, out)` where `x_proj = x @ w_ih + b_ih`
 [B, G*H] is the input projection. `recurrent_scan` computes that projection for all timesteps with one matmul before
-the loop, so only the recurrent matmul `h @ w_hh` runs inside `jax.lax.scan`.
+the loop, so only the recurrent matmul `h @ w_hh` runs inside `jax.lax.scan`. A cell named by a string runs with a
+custom backward pass that computes the gradient of w_hh with one matmul after the loop instead of one small product
+per step: the LSTM as `lstm_scan.lstm_scan` (closed-form gradient), RNN and GRU as their matmul-free
+`core(carry, x_proj, rec)` under `recurrent_grad.hoisted_scan`. A step function passed in runs under plain autodiff.
 """
 
 from collections.abc import Callable
@@ -20,6 +23,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flaxlm.ops.lstm_scan import lstm_gates, lstm_scan, lstm_update, sigmoid
+from flaxlm.ops.recurrent_grad import hoisted_scan, masked_core
 
 Carry = Any  # jax.Array [B, H] for RNN/GRU, tuple (h, c) of [B, H] arrays for LSTM.
 StepFn = Callable[["CellParams", Carry, jax.Array], tuple[Carry, jax.Array]]
@@ -40,11 +46,9 @@ def _recurrent_projection(params: CellParams, h: jax.Array) -> jax.Array:
     return out if params.b_hh is None else out + params.b_hh
 
 
-def rnn_step(
-    params: CellParams, carry: jax.Array, x_proj: jax.Array, *, nonlinearity: str = "tanh"
-) -> tuple[jax.Array, jax.Array]:
-    """Elman RNN step, h' = act(x_proj + h @ w_hh + b_hh) with act in {'tanh', 'relu'}. Returns (h', h')."""
-    pre = x_proj + _recurrent_projection(params, carry)
+def rnn_core(carry: jax.Array, x_proj: jax.Array, rec: jax.Array, *, nonlinearity: str = "tanh"):
+    """Elman RNN step from both projections (rec = h @ w_hh + b_hh): h' = act(x_proj + rec). Returns (h', h')."""
+    pre = x_proj + rec
     if nonlinearity == "tanh":
         h = jnp.tanh(pre)
     elif nonlinearity == "relu":
@@ -54,20 +58,14 @@ def rnn_step(
     return h, h
 
 
-def lstm_step(
-    params: CellParams, carry: tuple[jax.Array, jax.Array], x_proj: jax.Array
-) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
-    """LSTM step with PyTorch's gate order (i, f, g, o); carry is (h, c), each [B, H]. Returns ((h', c'), h')."""
-    h, c = carry
-    gates = x_proj + _recurrent_projection(params, h)
-    i, f, g, o = jnp.split(gates, 4, axis=-1)
-    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+def lstm_core(carry: tuple[jax.Array, jax.Array], x_proj: jax.Array, rec: jax.Array):
+    """LSTM step from both projections, PyTorch's gate order (i, f, g, o); carry (h, c). Returns ((h', c'), h')."""
+    h, c = lstm_update(lstm_gates(x_proj + rec), carry[1])
     return (h, c), h
 
 
-def gru_step(params: CellParams, carry: jax.Array, x_proj: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """GRU step with PyTorch's equations (gate order r, z, n). Returns (h', h').
+def gru_core(carry: jax.Array, x_proj: jax.Array, rec: jax.Array):
+    """GRU step from both projections, PyTorch's equations (gate order r, z, n). Returns (h', h').
 
         r = sigmoid(W_ir x + b_ir + W_hr h + b_hr)
         z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
@@ -75,12 +73,41 @@ def gru_step(params: CellParams, carry: jax.Array, x_proj: jax.Array) -> tuple[j
         h' = (1 - z) * n + z * h
     """
     x_r, x_z, x_n = jnp.split(x_proj, 3, axis=-1)
-    h_r, h_z, h_n = jnp.split(_recurrent_projection(params, carry), 3, axis=-1)
-    r = jax.nn.sigmoid(x_r + h_r)
-    z = jax.nn.sigmoid(x_z + h_z)
+    h_r, h_z, h_n = jnp.split(rec, 3, axis=-1)
+    r = sigmoid(x_r + h_r)
+    z = sigmoid(x_z + h_z)
     n = jnp.tanh(x_n + r * h_n)
     h = (1.0 - z) * n + z * carry
     return h, h
+
+
+# name -> scan(reverse, w_hh, b_hh, x_proj [T, B, G*H], valid [T, B] | None, carry0) -> (carry, outputs [T, B, H])
+SCANS = {
+    "rnn": partial(hoisted_scan, rnn_core),
+    "rnn_tanh": partial(hoisted_scan, rnn_core),
+    "rnn_relu": partial(hoisted_scan, partial(rnn_core, nonlinearity="relu")),
+    "lstm": lstm_scan,
+    "gru": partial(hoisted_scan, gru_core),
+}
+
+
+def rnn_step(
+    params: CellParams, carry: jax.Array, x_proj: jax.Array, *, nonlinearity: str = "tanh"
+) -> tuple[jax.Array, jax.Array]:
+    """Elman RNN step, h' = act(x_proj + h @ w_hh + b_hh) with act in {'tanh', 'relu'}. Returns (h', h')."""
+    return rnn_core(carry, x_proj, _recurrent_projection(params, carry), nonlinearity=nonlinearity)
+
+
+def lstm_step(
+    params: CellParams, carry: tuple[jax.Array, jax.Array], x_proj: jax.Array
+) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+    """LSTM step with PyTorch's gate order (i, f, g, o); carry is (h, c), each [B, H]. Returns ((h', c'), h')."""
+    return lstm_core(carry, x_proj, _recurrent_projection(params, carry[0]))
+
+
+def gru_step(params: CellParams, carry: jax.Array, x_proj: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """GRU step with PyTorch's equations (see gru_core). Returns (h', h')."""
+    return gru_core(carry, x_proj, _recurrent_projection(params, carry))
 
 
 STEP_FUNCTIONS: dict[str, StepFn] = {
@@ -121,6 +148,8 @@ def recurrent_scan(
     The input projection xs @ w_ih + b_ih is one [T*B, F] x [F, G*H] matmul done before the scan; only h @ w_hh
     runs inside `jax.lax.scan`. Padding sits at the end of each sequence, so the reverse direction scans from
     t = T - 1 down and keeps carry0 until it meets the sequence's last valid step: no per-sequence reversal.
+    Named cells differentiate through custom VJPs (see the module docstring), so they support reverse mode
+    (jax.grad, jax.vjp) but not forward mode; pass the step function (e.g. `lstm_step`) for jax.jvp / jacfwd.
     """
     step = STEP_FUNCTIONS.get(cell) if isinstance(cell, str) else cell
     if step is None:
@@ -150,20 +179,13 @@ def recurrent_scan(
         x_proj = x_proj + params.b_ih
     x_proj = x_proj.reshape(length, batch, params.w_ih.shape[1])
 
-    if lengths is None:
-        def body(carry, x_t):
-            return step(params, carry, x_t)
-
-        carry, outs = jax.lax.scan(body, carry0, x_proj, reverse=reverse)
+    valid = None if lengths is None else jnp.arange(length)[:, None] < lengths[None, :]  # [T, B]
+    if isinstance(cell, str):
+        carry, outs = SCANS[cell](reverse, params.w_hh, params.b_hh, x_proj, valid, carry0)
     else:
-        valid = jnp.arange(length)[:, None] < lengths[None, :]  # [T, B]
-
-        def masked_body(carry, inputs):
+        def body(carry, inputs):
             x_t, valid_t = inputs
-            new_carry, out = step(params, carry, x_t)
-            keep = valid_t[:, None]
-            new_carry = jax.tree.map(lambda new, old: jnp.where(keep, new, old), new_carry, carry)
-            return new_carry, jnp.where(keep, out, jnp.zeros_like(out))
+            return masked_core(lambda c, x, _: step(params, c, x), carry, x_t, None, valid_t)
 
-        carry, outs = jax.lax.scan(masked_body, carry0, (x_proj, valid), reverse=reverse)
+        carry, outs = jax.lax.scan(body, carry0, (x_proj, valid), reverse=reverse)
     return (outs if time_major else jnp.swapaxes(outs, 0, 1)), carry
