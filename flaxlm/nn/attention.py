@@ -229,8 +229,10 @@ class MultiHeadAttention(nnx.Module):
             w = self.qkv_kernel[...].astype(dt)
             b = self.qkv_bias[...].astype(dt) if self.qkv_bias is not None else jnp.zeros((3,) + w.shape[2:], dt)
             if x_kv is None:
-                qkv = dense(x_q, w) + b
-                return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+                # jnp.split, not indexing: its gradient is one concatenate, where three slices' gradients are three
+                # zero-padded copies added together (XLA:CPU then ran an extra pass over [B, T, 3, H, D]).
+                q, k, v = jnp.split(dense(x_q, w) + b, 3, axis=2)
+                return q[:, :, 0], k[:, :, 0], v[:, :, 0]
             q = dense(x_q, w[:, 0]) + b[0]
             kv = dense(x_kv, w[:, 1:]) + b[1:]
             return q, kv[:, :, 0], kv[:, :, 1]
