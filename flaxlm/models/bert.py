@@ -14,6 +14,7 @@ from flax import nnx
 
 from flaxlm.nn.embeddings import Embed, PositionEmbedding
 from flaxlm.nn.transformer import Remat, TransformerEncoder, TransformerEncoderLayer
+from flaxlm.ops.activations import gelu
 from flaxlm.ops.dense import apply_to_rows
 from flaxlm.ops.dropout import dropout
 from flaxlm.ops.masks import padding_mask
@@ -167,7 +168,7 @@ class BertMLM(nnx.Module):
 
     def predict(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., F] -> masked-LM logits [..., V] float32 (dense, GELU, LayerNorm, tied embedding + bias)."""
-        h = self.mlm_norm(jax.nn.gelu(apply_to_rows(self.mlm_dense, hidden), approximate=False))
+        h = self.mlm_norm(gelu(apply_to_rows(self.mlm_dense, hidden)))
         logits = self.encoder.token_embed.attend(h) + self.mlm_bias[...].astype(h.dtype)
         return logits.astype(jnp.float32)
 

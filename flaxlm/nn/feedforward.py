@@ -4,12 +4,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flaxlm.ops.activations import gelu
 from flaxlm.ops.dense import apply_to_rows
 from flaxlm.ops.dropout import dropout
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
 
