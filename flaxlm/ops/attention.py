@@ -82,7 +82,9 @@ def dot_product_attention(
         except (NotImplementedError, ValueError, RuntimeError):
             pass
 
-    out, weights = _xla_attention(q, k, v, mask, bias, is_causal, dropout_rate if use_dropout else 0.0, dropout_key)
+    with jax.named_scope("attention"):  # profiles (benchmarks/profile_step.py) attribute time by this scope
+        out, weights = _xla_attention(q, k, v, mask, bias, is_causal, dropout_rate if use_dropout else 0.0,
+                                      dropout_key)
     if return_weights:
         return out, weights
     return out

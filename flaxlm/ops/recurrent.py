@@ -180,12 +180,13 @@ def recurrent_scan(
     x_proj = x_proj.reshape(length, batch, params.w_ih.shape[1])
 
     valid = None if lengths is None else jnp.arange(length)[:, None] < lengths[None, :]  # [T, B]
-    if isinstance(cell, str):
-        carry, outs = SCANS[cell](reverse, params.w_hh, params.b_hh, x_proj, valid, carry0)
-    else:
-        def body(carry, inputs):
-            x_t, valid_t = inputs
-            return masked_core(lambda c, x, _: step(params, c, x), carry, x_t, None, valid_t)
+    with jax.named_scope("recurrence"):  # profiles (benchmarks/profile_step.py) attribute time by this scope
+        if isinstance(cell, str):
+            carry, outs = SCANS[cell](reverse, params.w_hh, params.b_hh, x_proj, valid, carry0)
+        else:
+            def body(carry, inputs):
+                x_t, valid_t = inputs
+                return masked_core(lambda c, x, _: step(params, c, x), carry, x_t, None, valid_t)
 
-        carry, outs = jax.lax.scan(body, carry0, (x_proj, valid), reverse=reverse)
+            carry, outs = jax.lax.scan(body, carry0, (x_proj, valid), reverse=reverse)
     return (outs if time_major else jnp.swapaxes(outs, 0, 1)), carry
