@@ -21,6 +21,34 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
 """
 
 
+DOT_HLO = """
+%fused_computation.36 (param_0: f32[1536,8000], param_1: f32[512,8000]) -> f32[1536,512] {
+  %param_0 = f32[1536,8000]{1,0} parameter(0)
+  %param_1 = f32[512,8000]{1,0} parameter(1)
+  ROOT %dot_general.9 = f32[1536,512]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={1}
+}
+
+%fused_computation.7 (p0: f32[12,64,32], p1: f32[12,64,32]) -> f32[12,64,64] {
+  %p0 = f32[12,64,32]{2,1,0} parameter(0)
+  %p1 = f32[12,64,32]{2,1,0} parameter(1)
+  ROOT %dot.3 = f32[12,64,64]{2,1,0} dot(%p0, %p1), lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={2}
+}
+
+ENTRY %main (a: f32[1536,8000], w: f32[512,8000], q: f32[12,64,32]) -> f32[1536,512] {
+  %ynn_fusion.36 = f32[1536,512]{1,0} fusion(%a, %w), kind=kCustom, calls=%fused_computation.36
+  %ynn_fusion.7 = f32[12,64,64]{2,1,0} fusion(%q, %q), kind=kCustom, calls=%fused_computation.7
+  ROOT %copy.1 = f32[1536,512]{1,0} copy(%ynn_fusion.36)
+}
+"""
+
+
+def test_dot_flops_from_the_fused_dot_shapes():
+    flops = profile_step.dot_flops(DOT_HLO)
+    assert flops["ynn_fusion.36"] == 2 * 1536 * 512 * 8000
+    assert flops["ynn_fusion.7"] == 2 * 12 * 64 * 64 * 32
+    assert "copy.1" not in flops
+
+
 def test_op_names_include_the_fused_computation():
     names = profile_step.hlo_op_names(HLO)
     assert names["add_tanh_fusion"] == ["jit(train_step)/transpose(jvp(recurrence))/tanh"]
@@ -51,3 +79,4 @@ def test_profile_of_a_tiny_bilstm_step_adds_up(monkeypatch):
     assert sum(categories.values()) == pytest.approx(result["thread_ms"])
     assert 0.0 <= result["both_busy"] <= 1.0 and 0.0 <= result["idle"] <= 1.0
     assert result["execute_ms"] > 0.0 and result["wall_ms"] >= result["execute_ms"] * 0.5
+    assert result["big_matmuls"] == 0  # a tiny model has no matmul of 5 ms
