@@ -55,40 +55,34 @@ LAYOUT = re.compile(r"copy|transpose|concatenate|pad|dynamic-update-slice|dynami
 LOOP = re.compile(r"^wrapped_(add|compare)")
 
 
+def _instructions(hlo_text: str):
+    """Yield (name, line, called computation's text or '') for every instruction of an HLO module's text."""
+    computations = {m.group(1): m.group(0) for m in re.finditer(r"^%([\w.\-]+) .*?^}", hlo_text, re.S | re.M)}
+    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = .*$", hlo_text, re.M):
+        called = re.search(r"calls=%([\w.\-]+)", m.group(0))
+        yield m.group(1), m.group(0), computations.get(called.group(1), "") if called else ""
+
+
 def hlo_op_names(hlo_text: str) -> dict[str, list[str]]:
     """{instruction name: op_name metadata of the instruction and of every op in the computation it calls}."""
-    computations = {m.group(1): m.group(0) for m in re.finditer(r"^%([\w.\-]+) .*?^}", hlo_text, re.S | re.M)}
-    names = {}
-    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = .*$", hlo_text, re.M):
-        line = m.group(0)
-        found = re.findall(r'op_name="([^"]*)"', line)
-        called = re.search(r"calls=%([\w.\-]+)", line)
-        if called and called.group(1) in computations:
-            found += re.findall(r'op_name="([^"]*)"', computations[called.group(1)])
-        names[m.group(1)] = found
-    return names
+    return {name: re.findall(r'op_name="([^"]*)"', line) + re.findall(r'op_name="([^"]*)"', body)
+            for name, line, body in _instructions(hlo_text)}
 
 
 def dot_flops(hlo_text: str) -> dict[str, int]:
     """{thunk name: FLOPs of the one dot it runs} for fusions and dots whose computation holds a single dot."""
-    computations = {m.group(1): m.group(0) for m in re.finditer(r"^%([\w.\-]+) .*?^}", hlo_text, re.S | re.M)}
     shapes = dict(re.findall(r"%([\w.\-]+) = f32\[([\d,]*)\]", hlo_text))
+    dot = re.compile(r"= f32\[([\d,]*)\]\{[^}]*\} dot\(%([\w.\-]+), %[\w.\-]+\), "
+                     r"(?:lhs_batch_dims=\{[\d,]*\}, )?lhs_contracting_dims=\{(\d+)\}")
     flops = {}
-    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = .*$", hlo_text, re.M):
-        line = m.group(0)
-        called = re.search(r"calls=%([\w.\-]+)", line)
-        body = computations.get(called.group(1), "") if called else line
-        dots = re.findall(r"= f32\[([\d,]*)\]\{[^}]*\} dot\(%([\w.\-]+), %[\w.\-]+\), "
-                          r"lhs_batch_dims=\{[\d,]*\}, lhs_contracting_dims=\{(\d+)\}|"
-                          r"= f32\[([\d,]*)\]\{[^}]*\} dot\(%([\w.\-]+), %[\w.\-]+\), lhs_contracting_dims=\{(\d+)\}",
-                          body)
+    for name, line, body in _instructions(hlo_text):
+        dots = dot.findall(body or line)
         if len(dots) != 1:
             continue
-        out, lhs, axis = [part for part in dots[0] if part][:3]
+        out, lhs, axis = dots[0]
         lhs_dims = [int(d) for d in shapes.get(lhs, "").split(",") if d]
-        if not lhs_dims:
-            continue
-        flops[m.group(1)] = 2 * math.prod(int(d) for d in out.split(",") if d) * lhs_dims[int(axis)]
+        if lhs_dims:
+            flops[name] = 2 * math.prod(int(d) for d in out.split(",") if d) * lhs_dims[int(axis)]
     return flops
 
 

@@ -1,4 +1,5 @@
-"""Activation functions with hand-written derivatives where XLA:CPU runs autodiff's version slowly."""
+"""Activation functions written in the form XLA:CPU runs fastest (sigmoid through tanh, GELU with a closed-form
+derivative)."""
 
 import math
 
@@ -7,6 +8,12 @@ import jax.numpy as jnp
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def sigmoid(z: jax.Array) -> jax.Array:
+    """Logistic function as 0.5 tanh(z / 2) + 0.5: one tanh instead of exp and a division (XLA:CPU runs it faster);
+    within 2e-7 of jax.nn.sigmoid in float32."""
+    return 0.5 * jnp.tanh(0.5 * z) + 0.5
 
 
 @jax.custom_jvp

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlm.ops.lstm_scan import lstm_gates, lstm_scan, lstm_update, sigmoid
-from flaxlm.ops.recurrent_grad import hoisted_scan, masked_core
+from flaxlm.ops.activations import sigmoid
+from flaxlm.ops.lstm_scan import lstm_gates, lstm_scan, lstm_update
+from flaxlm.ops.recurrent_grad import hoisted_scan, masked_core, recurrent_projection
 
 Carry = Any  # jax.Array [B, H] for RNN/GRU, tuple (h, c) of [B, H] arrays for LSTM.
 StepFn = Callable[["CellParams", Carry, jax.Array], tuple[Carry, jax.Array]]
@@ -38,12 +39,6 @@ class CellParams(NamedTuple):
     w_hh: jax.Array
     b_ih: jax.Array | None = None
     b_hh: jax.Array | None = None
-
-
-def _recurrent_projection(params: CellParams, h: jax.Array) -> jax.Array:
-    """h [B, H] -> h @ w_hh + b_hh [B, G*H]."""
-    out = h @ params.w_hh
-    return out if params.b_hh is None else out + params.b_hh
 
 
 def rnn_core(carry: jax.Array, x_proj: jax.Array, rec: jax.Array, *, nonlinearity: str = "tanh"):
@@ -95,19 +90,19 @@ def rnn_step(
     params: CellParams, carry: jax.Array, x_proj: jax.Array, *, nonlinearity: str = "tanh"
 ) -> tuple[jax.Array, jax.Array]:
     """Elman RNN step, h' = act(x_proj + h @ w_hh + b_hh) with act in {'tanh', 'relu'}. Returns (h', h')."""
-    return rnn_core(carry, x_proj, _recurrent_projection(params, carry), nonlinearity=nonlinearity)
+    return rnn_core(carry, x_proj, recurrent_projection(carry, params.w_hh, params.b_hh), nonlinearity=nonlinearity)
 
 
 def lstm_step(
     params: CellParams, carry: tuple[jax.Array, jax.Array], x_proj: jax.Array
 ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
     """LSTM step with PyTorch's gate order (i, f, g, o); carry is (h, c), each [B, H]. Returns ((h', c'), h')."""
-    return lstm_core(carry, x_proj, _recurrent_projection(params, carry[0]))
+    return lstm_core(carry, x_proj, recurrent_projection(carry[0], params.w_hh, params.b_hh))
 
 
 def gru_step(params: CellParams, carry: jax.Array, x_proj: jax.Array) -> tuple[jax.Array, jax.Array]:
     """GRU step with PyTorch's equations (see gru_core). Returns (h', h')."""
-    return gru_core(carry, x_proj, _recurrent_projection(params, carry))
+    return gru_core(carry, x_proj, recurrent_projection(carry, params.w_hh, params.b_hh))
 
 
 STEP_FUNCTIONS: dict[str, StepFn] = {

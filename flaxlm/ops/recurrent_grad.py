@@ -21,14 +21,23 @@ import jax
 import jax.numpy as jnp
 
 
-def _project(h, w_hh, b_hh):
+def recurrent_projection(h: jax.Array, w_hh: jax.Array, b_hh: jax.Array | None) -> jax.Array:
     """h [B, H] -> h @ w_hh + b_hh [B, G*H]."""
     rec = h @ w_hh
     return rec if b_hh is None else rec + b_hh
 
 
+def weight_gradients(h_prev: jax.Array, d_rec: jax.Array, b_hh: jax.Array | None):
+    """Gradients of w_hh and b_hh from every step at once: h_prev [T, B, H] (the hidden state each step
+    multiplied by w_hh) and d_rec [T, B, G*H] (each step's gradient of rec_t) -> (d w_hh [H, G*H], d b_hh or None)."""
+    rows = h_prev.shape[0] * h_prev.shape[1]
+    d_w_hh = h_prev.reshape(rows, h_prev.shape[2]).T @ d_rec.reshape(rows, d_rec.shape[2])
+    return d_w_hh, None if b_hh is None else d_rec.sum(axis=(0, 1))
+
+
 def masked_core(core, carry, x_t, rec_t, valid_t):
-    """core(carry, x_t, rec_t), keeping the old carry and emitting zeros where valid_t [B] is False (valid_t None: every row)."""
+    """core(carry, x_t, rec_t), keeping the old carry and emitting zeros where valid_t [B] is False (valid_t
+    None: every row valid)."""
     new_carry, out = core(carry, x_t, rec_t)
     if valid_t is None:
         return new_carry, out
@@ -40,7 +49,7 @@ def masked_core(core, carry, x_t, rec_t, valid_t):
 def _forward(core, reverse, w_hh, b_hh, x_proj, valid, carry0, save: bool):
     def body(carry, inputs):
         x_t, valid_t = inputs
-        rec = _project(carry, w_hh, b_hh)
+        rec = recurrent_projection(carry, w_hh, b_hh)
         new_carry, out = masked_core(core, carry, x_t, rec, valid_t)
         return new_carry, ((out, carry, rec) if save else out)
 
@@ -75,10 +84,7 @@ def _hoisted_bwd(core, reverse, residuals, cotangents):
 
     d_carry0, (d_x_proj, d_recs) = jax.lax.scan(
         body, d_carry, (carries, x_proj, recs, valid, d_outs), reverse=not reverse)
-    h_prev = carries
-    rows = h_prev.shape[0] * h_prev.shape[1]
-    d_w_hh = h_prev.reshape(rows, h_prev.shape[2]).T @ d_recs.reshape(rows, d_recs.shape[2])
-    d_b_hh = None if b_hh is None else d_recs.sum(axis=(0, 1))
+    d_w_hh, d_b_hh = weight_gradients(carries, d_recs, b_hh)
     return d_w_hh, d_b_hh, d_x_proj, None, d_carry0
 
 
