@@ -21,6 +21,7 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from report import publish  # noqa: E402
 from speed_cases import CASES, case_size  # noqa: E402
 
 from flaxlm.hugepage_malloc import hugepage_environment  # noqa: E402
@@ -85,11 +86,7 @@ def main(argv=None) -> int:
         rows.append(f"| {case} | {framework} | " + " | ".join(cells) + " |")
     table = "\n".join(rows) + (f"\n\nMedian of {args.rounds} alternating rounds of {args.steps} steps each; plain = "
                                "GLIBC_TUNABLES unset, hugetlb = GLIBC_TUNABLES=glibc.malloc.hugetlb=1.\n")
-    print(table)
-    if args.out:
-        pathlib.Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    if args.md:
-        pathlib.Path(args.md).write_text(table)
+    publish(results, table, args.out, args.md)
     return 0
 
 

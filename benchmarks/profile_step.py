@@ -23,8 +23,9 @@ which none did (waiting, synchronisation); `dispatch` is the step's wall time ou
 argument handling, the host-device sync). A thunk's own worker tasks inside a library call (YNNPACK splitting
 one matmul over both cores) are not separate events, so 'both busy' understates how parallel the matmuls are.
 `big matmuls GFLOP/s` is the FLOP rate of the matmul thunks that take 5 ms or more (FLOPs from the HLO dot's
-shapes): compare it with the same product under `jax.jit` alone (about 230-257 GFLOP/s on two cores here,
-122 on one).
+shapes): compare it with the same product under `jax.jit` alone on the same machine (benchmarks/speed.py's
+peak). Two such thunks running side by side each show about half that rate; benchmarks/thread_samples.py tells
+a lone matmul on one core from two matmuls sharing the cores.
 """
 
 import argparse
@@ -44,6 +45,7 @@ import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from report import publish  # noqa: E402
 from speed_cases import CASES, case_size, model_flops_per_step  # noqa: E402
 
 SCOPES = ("optimizer", "attention", "recurrence")
@@ -206,11 +208,7 @@ def main(argv=None) -> int:
         top = ", ".join(f"{k} {v:.1f}" for k, v in list(results[name]["top_thunks_ms"].items())[:5])
         print(f"{name}: wall {results[name]['wall_ms']:.1f} ms; top thunks (ms/step): {top}", flush=True)
     table = markdown(results)
-    print(table)
-    if args.out:
-        pathlib.Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    if args.md:
-        pathlib.Path(args.md).write_text(table)
+    publish(results, table, args.out, args.md)
     return 0
 
 

@@ -73,6 +73,7 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+from report import publish  # noqa: E402
 from speed_cases import CASES, case_size, model_flops_per_step, size_from_dict, tokens_per_step  # noqa: E402
 
 from flaxlm.hugepage_malloc import hugepage_environment  # noqa: E402
@@ -497,13 +498,8 @@ def main(argv=None) -> int:
     results["machine"]["loadavg_after"] = os.getloadavg()
 
     table = markdown(results)
-    print("\n" + table)
-    if args.out:
-        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    if args.md:
-        pathlib.Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.md).write_text(table)
+    print()
+    publish(results, table, args.out, args.md, indent=2)
     failed = [f"{name}/{f}" for name, case in results["cases"].items() for f in ("flaxlm", "torch")
               if not _ok(case.get(f))]
     failed += [k for k in ("compile_depth", "loop_overhead") if k in results and (

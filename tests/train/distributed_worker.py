@@ -28,7 +28,7 @@ from flaxlm.train import (  # noqa: E402
 )
 from tiny_lm import lm_loss, make_batch, make_model  # noqa: E402
 
-from distributed_reference import CONFIG, GLOBAL_BATCH, STEPS, batch_seeds, param_checksum  # noqa: E402
+from distributed_reference import CONFIG, GLOBAL_BATCH, batch_seeds, param_checksum  # noqa: E402
 
 
 def main(workdir: str):
