@@ -10,8 +10,8 @@ intervals and classifies each of XLA's pool threads ('tf_XLAEigen', one per core
 
     matmul          inside a YNNPACK kernel of a matmul (ynn::dot / pack / transpose), whether as the thunk that
                     called it or as a helper task of its parallel loop (SlinkyThreadPool::Impl::WorkOnTask)
-    matmul wait     in SlinkyThreadPool's Await: this thread's share of a parallel matmul is done and it waits
-                    for the helper still working on another share
+    matmul wait     blocked in SlinkyThreadPool's Await: this thread's share of a parallel matmul is done and it
+                    waits for the helper still working on another share
     other thunk     running another fusion, copy or reduction
     asleep          parked in the Eigen pool with nothing queued for it
     scheduling      in the pool's task queue code (stealing, waking, dispatching)
@@ -41,18 +41,25 @@ STATES = ("matmul", "matmul wait", "other thunk", "asleep", "scheduling", "unkno
 POOL_THREAD = "tf_XLAEigen"
 
 
+PATTERNS = (  # (state, pattern), tried on each frame from the innermost out: the first frame that matches decides
+    ("matmul wait", re.compile(r"SlinkyThreadPool::Impl::Await")),
+    ("matmul", re.compile(r"ynn::(dot|packer|transpose|\w*pack)")),
+    ("asleep", re.compile(r"WaitForWork|CommitWait")),
+    ("other thunk", re.compile(r"Kernel::Launch|CopyThunk|_fusion|ynn::")),
+    ("scheduling", re.compile(r"Steal|MaybeGetTask|EventCount::Notify|ScheduleWithHint|WorkerLoop")),
+)
+
+
 def classify(stack: str) -> str:
-    """The state of one pool thread from its gdb backtrace text (frames innermost first)."""
-    if re.search(r"SlinkyThreadPool::Impl::Await|SlinkyThreadPool::wait_for", stack):
-        return "matmul wait"
-    if re.search(r"ynn::(dot|packer|transpose|\w*pack)", stack):
-        return "matmul"
-    if re.search(r"WaitForWork|CommitWait", stack):
-        return "asleep"
-    if re.search(r"Kernel::Launch|CopyThunk|_fusion|ynn::", stack):
-        return "other thunk"
-    if re.search(r"Steal|MaybeGetTask|EventCount::Notify|ScheduleWithHint|WorkerLoop", stack):
-        return "scheduling"
+    """The state of one pool thread from its gdb backtrace text (frames innermost first).
+
+    The innermost recognised frame decides, so a thread computing matmul items inside
+    SlinkyThreadPool::wait_for counts as 'matmul', and only one blocked in Await as 'matmul wait'.
+    """
+    for frame in stack.splitlines():
+        for state, pattern in PATTERNS:
+            if pattern.search(frame):
+                return state
     return "unknown"
 
 
@@ -66,8 +73,8 @@ def summarise(snapshots: list[list[str]]) -> dict:
     """Shares of thread states over all pool threads and snapshots, and of snapshots with a lone matmul."""
     counts = collections.Counter(state for states in snapshots for state in states)
     total = sum(counts.values()) or 1
-    alone = sum(1 for s in snapshots if len(s) == 2 and "matmul" in s
-                and ({"asleep", "matmul wait"} & set(s)) and s.count("matmul") == 1)
+    alone = sum(1 for s in snapshots if s.count("matmul") == 1
+                and all(state in ("matmul", "asleep", "matmul wait") for state in s))
     both = sum(1 for s in snapshots if s.count("matmul") >= 2)
     return {"snapshots": len(snapshots), "threads": total,
             "shares": {state: counts[state] / total for state in STATES},

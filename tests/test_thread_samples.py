@@ -47,3 +47,9 @@ def test_a_lone_matmul_is_one_thread_in_a_matmul_and_the_other_idle():
     assert summary["matmul_both"] == 0.25
     assert summary["shares"]["matmul"] == 5 / 8
     assert sum(summary["shares"].values()) == 1.0
+
+
+def test_a_thread_computing_inside_wait_for_is_in_a_matmul_not_waiting():
+    stack = ("#0 ynn::dot_fp32_6x16x1_1x8x1_fma3 ()\n#1 xla::cpu::SlinkyThreadPool::Impl::WorkOnTask(Task*) ()\n"
+             "#2 xla::cpu::SlinkyThreadPool::wait_for(slinky::thread_pool::task*) ()")
+    assert thread_samples.classify(stack) == "matmul"
