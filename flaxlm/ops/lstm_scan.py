@@ -90,28 +90,37 @@ def _lstm_fwd(reverse, w_hh, b_hh, x_proj, valid, carry0):
     return (carry, _outputs(hs, valid)), (w_hh, b_hh, valid, gates, hs, cs, carry0)
 
 
+def _backward_factors(gates, cs, c_prev):
+    """Everything the backward loop multiplies by, from all steps at once (one elementwise pass over [T, ...]).
+
+    gates [T, B, 4H] activated (i, f, g, o), cs the carried cell states after each step and c_prev those before,
+    [T, B, H]. Returns (m [T, B, 4H] = (g, c_prev, i, tanh c) * (i (1 - i), f (1 - f), 1 - g^2, o (1 - o)),
+    o (1 - tanh^2 c) [T, B, H], f [T, B, H]), so that a step's gradient is dz = (dc', dc', dc', dh) * m."""
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    tanh_c = jnp.tanh(cs)
+    m = jnp.concatenate([g * i * (1.0 - i), c_prev * f * (1.0 - f), i * (1.0 - g * g), tanh_c * o * (1.0 - o)],
+                        axis=-1)
+    return m, o * (1.0 - tanh_c * tanh_c), f
+
+
 def _lstm_bwd(reverse, residuals, cotangents):
     w_hh, b_hh, valid, gates, hs, cs, (h0, c0) = residuals
     (d_h_final, d_c_final), d_outs = cotangents
-    scale = _gate_scale(gates.shape[-1])
+    m, o_dtanh, f = _backward_factors(gates, cs, _previous(cs, c0, reverse))
+    w_hh_t = w_hh.T
 
     def body(d_carry, inputs):
-        gates_t, c_t, valid_t, d_out_t = inputs
+        m_t, o_dtanh_t, f_t, valid_t, d_out_t = inputs
         d_h, d_c = d_carry
-        i, f, g, o = jnp.split(gates_t, 4, axis=-1)
-        tanh_c = jnp.tanh(f * c_t + i * g)
         d_h_new = d_h + d_out_t
-        d_c_new = d_c + d_h_new * o * (1.0 - tanh_c * tanh_c)
-        d_gates = jnp.concatenate([d_c_new * g, d_c_new * c_t, d_c_new * i, d_h_new * tanh_c], axis=-1)
-        # d gate / d pre-activation: a (1 - a) for sigmoid gates, 1 - a^2 for the tanh gate g.
-        d_z = _keep(valid_t, d_gates * (jnp.where(scale == 1.0, 1.0, gates_t) - gates_t * gates_t), 0.0)
-        d_h_prev = d_z @ w_hh.T
+        d_c_new = d_c + d_h_new * o_dtanh_t
+        d_z = _keep(valid_t, jnp.concatenate([d_c_new, d_c_new, d_c_new, d_h_new], axis=-1) * m_t, 0.0)
+        d_h_prev = d_z @ w_hh_t
         if valid_t is not None:
             d_h_prev = d_h_prev + jnp.where(valid_t[:, None], 0.0, d_h)
-        return (d_h_prev, _keep(valid_t, d_c_new * f, d_c)), d_z
+        return (d_h_prev, _keep(valid_t, d_c_new * f_t, d_c)), d_z
 
-    c_prev = _previous(cs, c0, reverse)
-    d_carry0, d_z = jax.lax.scan(body, (d_h_final, d_c_final), (gates, c_prev, valid, d_outs), reverse=not reverse)
+    d_carry0, d_z = jax.lax.scan(body, (d_h_final, d_c_final), (m, o_dtanh, f, valid, d_outs), reverse=not reverse)
     d_w_hh, d_b_hh = weight_gradients(_previous(hs, h0, reverse), d_z, b_hh)
     return d_w_hh, d_b_hh, d_z, None, d_carry0
 
