@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxlm.ops.dropout import dropout
-from flaxlm.ops.recurrent import STEP_FUNCTIONS, CellParams, recurrent_scan
+from flaxlm.ops.recurrent import STEP_FUNCTIONS, CellParams, recurrent_scan_directions
 
 CELL_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 
@@ -201,6 +201,11 @@ class RNN(nnx.Module):
                     raise ValueError(f"initial_carry arrays must have shape [L*D, B, H] = {expected}, "
                                      f"got {jnp.shape(part)}")
 
+    def _start(self, carry0: tuple, index: int):
+        """Cell `index`'s initial carry from the stacked carry0 parts [L*D, B, H]: (h, c) or h."""
+        start = tuple(part[index].astype(self.dtype) for part in carry0)
+        return start if self.cell == "lstm" else start[0]
+
     def __call__(
         self,
         xs: jax.Array,
@@ -235,22 +240,17 @@ class RNN(nnx.Module):
             if layer > 0 and dropout_key is not None:
                 key = jax.random.fold_in(dropout_key, layer)  # the mask is drawn batch-major, as it always was
                 layer_input = dropout(layer_input.swapaxes(0, 1), self.dropout_rate, key).swapaxes(0, 1)
-            outputs = []
-            for direction in range(self.num_directions):
-                index = layer * self.num_directions + direction
-                cell = self.cells[index]
-                start = tuple(part[index].astype(self.dtype) for part in carry0)
-                out, final = recurrent_scan(
-                    cell.kind,
-                    cell.cell_params(),
-                    layer_input,
-                    start if self.cell == "lstm" else start[0],
-                    lengths=seq_lengths,
-                    reverse=direction == 1,
-                    time_major=True,
-                )
-                outputs.append(out)
-                finals.append(final if self.cell == "lstm" else (final,))
+            indices = range(layer * self.num_directions, (layer + 1) * self.num_directions)
+            outputs, layer_finals = recurrent_scan_directions(
+                self.cells[indices[0]].kind,
+                [self.cells[i].cell_params() for i in indices],
+                layer_input,
+                [self._start(carry0, i) for i in indices],
+                lengths=seq_lengths,
+                reverses=[direction == 1 for direction in range(self.num_directions)],
+                time_major=True,
+            )
+            finals.extend(final if self.cell == "lstm" else (final,) for final in layer_finals)
             layer_input = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)
 
         stacked = tuple(jnp.stack(parts) for parts in zip(*finals))

@@ -14,6 +14,11 @@ the loop from all steps at once:
     d w_hh = H_prev^T @ dZ     ([H, T*B] x [T*B, 4H], one product)      d b_hh = sum of dZ
     d x_proj = dZ               (x_proj enters the gates additively)
 
+All directions of a layer (a BiLSTM's two) run in one loop over time each way (`flaxlm.ops.direction_scan`), and
+both loops write their largest output over an array that is dead afterwards instead of a zero-filled one: the
+forward's gates over x_proj (row t is read before it is overwritten), the backward's dZ over the saved gates
+(no longer read once the factors exist).
+
 Gate order, equations and the length mask are those of `flaxlm.ops.recurrent` (steps where `valid` is False keep
 the carry and output zeros; their gradient passes the carry's gradient through unchanged).
 """
@@ -23,6 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from flaxlm.ops.direction_scan import scan_directions
 from flaxlm.ops.recurrent_grad import recurrent_projection, weight_gradients
 
 
@@ -52,17 +58,21 @@ def _keep(valid_t, new, old):
     return new if valid_t is None else jnp.where(valid_t[:, None], new, old)
 
 
-def _forward(reverse, w_hh, b_hh, x_proj, valid, carry0, save: bool):
-    """The scan; emits each step's carry (h, c) after the step, and with `save` its activated gates too."""
-    def body(carry, inputs):
-        x_t, valid_t = inputs
-        h, c = carry
-        gates = lstm_gates(x_t + recurrent_projection(h, w_hh, b_hh))
-        h_new, c_new = lstm_update(gates, c)
-        new_carry = (_keep(valid_t, h_new, h), _keep(valid_t, c_new, c))
-        return new_carry, ((new_carry, gates) if save else new_carry[0])
+def _forward(reverses, w_hh, b_hh, x_proj, valid, carry0, save: bool):
+    """The loop over time for every direction; emits each step's carry (h, c) after the step, and with `save`
+    its activated gates too."""
+    def body(carries, inputs):
+        outs, new_carries = [], []
+        for (h, c), (x_t, valid_t), w, b in zip(carries, inputs, w_hh, b_hh):
+            gates = lstm_gates(x_t + recurrent_projection(h, w, b))
+            h_new, c_new = lstm_update(gates, c)
+            carry = (_keep(valid_t, h_new, h), _keep(valid_t, c_new, c))
+            new_carries.append(carry)
+            outs.append((carry, gates) if save else carry[0])
+        return tuple(new_carries), tuple(outs)
 
-    return jax.lax.scan(body, carry0, (x_proj, valid), reverse=reverse)
+    buffers = tuple(((None, None), x) for x in x_proj) if save else None  # the gates overwrite x_proj
+    return scan_directions(body, carry0, tuple((x, valid) for x in x_proj), reverses, buffers)
 
 
 def _outputs(hs: jax.Array, valid) -> jax.Array:
@@ -78,19 +88,22 @@ def _previous(states: jax.Array, first: jax.Array, reverse: bool) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def lstm_scan(reverse: bool, w_hh, b_hh, x_proj, valid, carry0):
-    """LSTM over time-major x_proj [T, B, 4H] (= x @ w_ih + b_ih) from carry0 (h0, c0), each [B, H].
+def lstm_scan(reverses: tuple[bool, ...], w_hh, b_hh, x_proj, valid, carry0):
+    """LSTMs over time-major inputs, one per direction, all in one loop over time (`scan_directions`).
 
-    w_hh [H, 4H], b_hh [4H] or None; valid [T, B] bool or None (every step valid); reverse: scan from t = T - 1
-    down. Returns (final carry (h, c), outputs [T, B, H]); gradients flow to w_hh, b_hh, x_proj and carry0.
+    Per direction d (every argument but `valid` is a tuple over directions): x_proj[d] [T, B, 4H] (= x @ w_ih +
+    b_ih), carry0[d] = (h0, c0), each [B, H], w_hh[d] [H, 4H], b_hh[d] [4H] or None; reverses[d]: scan from
+    t = T - 1 down. valid [T, B] bool or None (every step valid), shared by all directions. Returns (final carries
+    ((h, c) per direction), outputs ([T, B, H] per direction)); gradients flow to w_hh, b_hh, x_proj and carry0.
     """
-    carry, hs = _forward(reverse, w_hh, b_hh, x_proj, valid, carry0, save=False)
-    return carry, _outputs(hs, valid)
+    carries, hs = _forward(reverses, w_hh, b_hh, x_proj, valid, carry0, save=False)
+    return carries, tuple(_outputs(h, valid) for h in hs)
 
 
-def _lstm_fwd(reverse, w_hh, b_hh, x_proj, valid, carry0):
-    carry, ((hs, cs), gates) = _forward(reverse, w_hh, b_hh, x_proj, valid, carry0, save=True)
-    return (carry, _outputs(hs, valid)), (w_hh, b_hh, valid, gates, hs, cs, carry0)
+def _lstm_fwd(reverses, w_hh, b_hh, x_proj, valid, carry0):
+    carries, saved = _forward(reverses, w_hh, b_hh, x_proj, valid, carry0, save=True)
+    outputs = tuple(_outputs(hs, valid) for (hs, _), _ in saved)
+    return (carries, outputs), (w_hh, b_hh, valid, saved, carry0)
 
 
 def _backward_factors(gates, cs, c_prev):
@@ -106,26 +119,31 @@ def _backward_factors(gates, cs, c_prev):
     return m, o * (1.0 - tanh_c * tanh_c), f
 
 
-def _lstm_bwd(reverse, residuals, cotangents):
-    w_hh, b_hh, valid, gates, hs, cs, (h0, c0) = residuals
-    (d_h_final, d_c_final), d_outs = cotangents
-    m, o_dtanh, f = _backward_factors(gates, cs, _previous(cs, c0, reverse))
-    w_hh_t = w_hh.T
+def _lstm_bwd(reverses, residuals, cotangents):
+    w_hh, b_hh, valid, saved, carry0 = residuals
+    d_finals, d_outs = cotangents
+    factors = tuple(_backward_factors(gates, cs, _previous(cs, c0, reverse))
+                    for reverse, ((_, cs), gates), (_, c0) in zip(reverses, saved, carry0))
+    w_hh_t = tuple(w.T for w in w_hh)
 
-    def body(d_carry, inputs):
-        m_t, o_dtanh_t, f_t, valid_t, d_out_t = inputs
-        d_h, d_c = d_carry
-        d_h_new = d_h + d_out_t
-        d_c_new = d_c + d_h_new * o_dtanh_t
-        d_z = _keep(valid_t, jnp.concatenate([d_c_new, d_c_new, d_c_new, d_h_new], axis=-1) * m_t, 0.0)
-        d_h_prev = d_z @ w_hh_t
-        if valid_t is not None:
-            d_h_prev = d_h_prev + jnp.where(valid_t[:, None], 0.0, d_h)
-        return (d_h_prev, _keep(valid_t, d_c_new * f_t, d_c)), d_z
+    def body(d_carries, inputs):
+        new_carries, d_zs = [], []
+        for (d_h, d_c), ((m_t, o_dtanh_t, f_t), valid_t, d_out_t), w_t in zip(d_carries, inputs, w_hh_t):
+            d_h_new = d_h + d_out_t
+            d_c_new = d_c + d_h_new * o_dtanh_t
+            d_z = _keep(valid_t, jnp.concatenate([d_c_new, d_c_new, d_c_new, d_h_new], axis=-1) * m_t, 0.0)
+            d_h_prev = d_z @ w_t
+            if valid_t is not None:
+                d_h_prev = d_h_prev + jnp.where(valid_t[:, None], 0.0, d_h)
+            new_carries.append((d_h_prev, _keep(valid_t, d_c_new * f_t, d_c)))
+            d_zs.append(d_z)
+        return tuple(new_carries), tuple(d_zs)
 
-    d_carry0, d_z = jax.lax.scan(body, (d_h_final, d_c_final), (m, o_dtanh, f, valid, d_outs), reverse=not reverse)
-    d_w_hh, d_b_hh = weight_gradients(_previous(hs, h0, reverse), d_z, b_hh)
-    return d_w_hh, d_b_hh, d_z, None, d_carry0
+    d_carry0, d_z = scan_directions(body, d_finals, tuple((fs, valid, d) for fs, d in zip(factors, d_outs)),
+                                    tuple(not r for r in reverses), buffers=tuple(gates for _, gates in saved))
+    grads = tuple(weight_gradients(_previous(hs, h0, reverse), dz, b)
+                  for reverse, ((hs, _), _), (h0, _), dz, b in zip(reverses, saved, carry0, d_z, b_hh))
+    return tuple(g[0] for g in grads), tuple(g[1] for g in grads), d_z, None, d_carry0
 
 
 lstm_scan.defvjp(_lstm_fwd, _lstm_bwd)

@@ -16,7 +16,7 @@ per step: the LSTM as `lstm_scan.lstm_scan` (closed-form gradient), RNN and GRU 
 `core(carry, x_proj, rec)` under `recurrent_grad.hoisted_scan`. A step function passed in runs under plain autodiff.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -76,13 +76,23 @@ def gru_core(carry: jax.Array, x_proj: jax.Array, rec: jax.Array):
     return h, h
 
 
-# name -> scan(reverse, w_hh, b_hh, x_proj [T, B, G*H], valid [T, B] | None, carry0) -> (carry, outputs [T, B, H])
+def _each_direction(scan):
+    """A one-direction scan (reverse, w_hh, b_hh, x_proj, valid, carry0) run once per direction (tuples)."""
+    def run(reverses, w_hh, b_hh, x_proj, valid, carry0):
+        results = [scan(*args, valid, c) for args, c in zip(zip(reverses, w_hh, b_hh, x_proj), carry0)]
+        return tuple(r[0] for r in results), tuple(r[1] for r in results)
+
+    return run
+
+
+# name -> scan(reverses, w_hh, b_hh, x_proj [T, B, G*H], valid [T, B] | None, carry0) -> (carries, outputs [T, B, H]),
+# every argument but valid (and every result) a tuple over directions. The LSTM runs all directions in one loop.
 SCANS = {
-    "rnn": partial(hoisted_scan, rnn_core),
-    "rnn_tanh": partial(hoisted_scan, rnn_core),
-    "rnn_relu": partial(hoisted_scan, partial(rnn_core, nonlinearity="relu")),
+    "rnn": _each_direction(partial(hoisted_scan, rnn_core)),
+    "rnn_tanh": _each_direction(partial(hoisted_scan, rnn_core)),
+    "rnn_relu": _each_direction(partial(hoisted_scan, partial(rnn_core, nonlinearity="relu"))),
     "lstm": lstm_scan,
-    "gru": partial(hoisted_scan, gru_core),
+    "gru": _each_direction(partial(hoisted_scan, gru_core)),
 }
 
 
@@ -146,9 +156,34 @@ def recurrent_scan(
     Named cells differentiate through custom VJPs (see the module docstring), so they support reverse mode
     (jax.grad, jax.vjp) but not forward mode; pass the step function (e.g. `lstm_step`) for jax.jvp / jacfwd.
     """
+    (outputs,), (carry,) = recurrent_scan_directions(cell, (params,), xs, (carry0,), lengths=lengths,
+                                                     reverses=(reverse,), time_major=time_major)
+    return outputs, carry
+
+
+def recurrent_scan_directions(
+    cell: str | StepFn,
+    params: Sequence[CellParams],
+    xs: jax.Array,
+    carries0: Sequence[Carry],
+    *,
+    reverses: Sequence[bool],
+    lengths: jax.Array | None = None,
+    time_major: bool = False,
+) -> tuple[tuple[jax.Array, ...], tuple[Carry, ...]]:
+    """`recurrent_scan` of the same xs for several directions (e.g. a bidirectional layer's two cells).
+
+    params, carries0 and reverses have one entry per direction; returns (outputs, final carries), tuples with one
+    entry per direction, each as `recurrent_scan` returns it. A named LSTM runs all directions in one loop over
+    time (`flaxlm.ops.direction_scan`), whose independent per-direction kernels XLA:CPU runs side by side; other
+    cells run one scan per direction.
+    """
     step = STEP_FUNCTIONS.get(cell) if isinstance(cell, str) else cell
     if step is None:
         raise ValueError(f"cell must be one of {sorted(STEP_FUNCTIONS)} or a step function, got {cell!r}")
+    if not len(params) == len(carries0) == len(reverses) > 0:
+        raise ValueError(f"params, carries0 and reverses need one entry per direction, got {len(params)}, "
+                         f"{len(carries0)} and {len(reverses)}")
     xs = jnp.asarray(xs)
     if xs.ndim != 3:
         raise ValueError(f"xs must have shape {'[T, B, F]' if time_major else '[B, T, F]'}, got shape {xs.shape}")
@@ -156,8 +191,9 @@ def recurrent_scan(
     if not time_major:
         xs = jnp.swapaxes(xs, 0, 1)
     length, batch, features = xs.shape
-    if params.w_ih.ndim != 2 or params.w_ih.shape[0] != features:
-        raise ValueError(f"xs has {features} features (shape {shape}) but w_ih has shape {params.w_ih.shape}")
+    for p in params:
+        if p.w_ih.ndim != 2 or p.w_ih.shape[0] != features:
+            raise ValueError(f"xs has {features} features (shape {shape}) but w_ih has shape {p.w_ih.shape}")
     if lengths is not None:
         lengths = jnp.asarray(lengths)
         if lengths.shape != (batch,):
@@ -169,19 +205,31 @@ def recurrent_scan(
             if host.min(initial=0) < 0 or host.max(initial=0) > length:
                 raise ValueError(f"lengths must lie in [0, T={length}], got {host.tolist()}")
 
-    x_proj = xs.reshape(length * batch, features) @ params.w_ih
-    if params.b_ih is not None:
-        x_proj = x_proj + params.b_ih
-    x_proj = x_proj.reshape(length, batch, params.w_ih.shape[1])
-
+    x_proj = tuple(_input_projection(xs, p) for p in params)
     valid = None if lengths is None else jnp.arange(length)[:, None] < lengths[None, :]  # [T, B]
     with jax.named_scope("recurrence"):  # profiles (benchmarks/profile_step.py) attribute time by this scope
         if isinstance(cell, str):
-            carry, outs = SCANS[cell](reverse, params.w_hh, params.b_hh, x_proj, valid, carry0)
+            carries, outs = SCANS[cell](tuple(reverses), tuple(p.w_hh for p in params),
+                                        tuple(p.b_hh for p in params), x_proj, valid, tuple(carries0))
         else:
-            def body(carry, inputs):
-                x_t, valid_t = inputs
-                return masked_core(lambda c, x, _: step(params, c, x), carry, x_t, None, valid_t)
+            results = [_step_scan(step, p, x, valid, c, r) for p, x, c, r in zip(params, x_proj, carries0, reverses)]
+            carries, outs = tuple(r[0] for r in results), tuple(r[1] for r in results)
+    return tuple(o if time_major else jnp.swapaxes(o, 0, 1) for o in outs), carries
 
-            carry, outs = jax.lax.scan(body, carry0, (x_proj, valid), reverse=reverse)
-    return (outs if time_major else jnp.swapaxes(outs, 0, 1)), carry
+
+def _input_projection(xs: jax.Array, params: CellParams) -> jax.Array:
+    """Time-major xs [T, B, F] -> xs @ w_ih + b_ih [T, B, G*H], as one [T*B, F] x [F, G*H] product."""
+    length, batch, features = xs.shape
+    x_proj = xs.reshape(length * batch, features) @ params.w_ih
+    if params.b_ih is not None:
+        x_proj = x_proj + params.b_ih
+    return x_proj.reshape(length, batch, params.w_ih.shape[1])
+
+
+def _step_scan(step: StepFn, params: CellParams, x_proj, valid, carry0, reverse: bool):
+    """A user's step function under `jax.lax.scan` (plain autodiff) -> (final carry, outputs [T, B, H])."""
+    def body(carry, inputs):
+        x_t, valid_t = inputs
+        return masked_core(lambda c, x, _: step(params, c, x), carry, x_t, None, valid_t)
+
+    return jax.lax.scan(body, carry0, (x_proj, valid), reverse=reverse)
