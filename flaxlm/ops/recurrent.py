@@ -85,6 +85,12 @@ def _each_direction(scan):
     return run
 
 
+# Named cells whose two biases only enter as x_proj + h @ w_hh + b_ih + b_hh: their b_ih is added inside the loop,
+# with b_hh, where the add is part of a kernel the step runs anyway, instead of in a pass over all of x_proj [T, B,
+# G*H] after the input projection (one read and write of 16 MiB per BiLSTM direction, and a second reduction over
+# d x_proj for b_ih's gradient). The GRU's b_hn sits inside r * (h @ w_hn + b_hn), so it keeps b_ih in x_proj.
+ADDITIVE_BIASES = frozenset({"rnn", "rnn_tanh", "rnn_relu", "lstm"})
+
 # name -> scan(reverses, w_hh, b_hh, x_proj [T, B, G*H], valid [T, B] | None, carry0) -> (carries, outputs [T, B, H]),
 # every argument but valid (and every result) a tuple over directions. The LSTM runs all directions in one loop.
 SCANS = {
@@ -205,25 +211,34 @@ def recurrent_scan_directions(
             if host.min(initial=0) < 0 or host.max(initial=0) > length:
                 raise ValueError(f"lengths must lie in [0, T={length}], got {host.tolist()}")
 
-    x_proj = tuple(_input_projection(xs, p) for p in params)
+    bias_in_loop = cell in ADDITIVE_BIASES
+    x_proj = tuple(_input_projection(xs, p, with_bias=not bias_in_loop) for p in params)
     valid = None if lengths is None else jnp.arange(length)[:, None] < lengths[None, :]  # [T, B]
     with jax.named_scope("recurrence"):  # profiles (benchmarks/profile_step.py) attribute time by this scope
         if isinstance(cell, str):
-            carries, outs = SCANS[cell](tuple(reverses), tuple(p.w_hh for p in params),
-                                        tuple(p.b_hh for p in params), x_proj, valid, tuple(carries0))
+            b_hh = tuple(_summed_bias(p) if bias_in_loop else p.b_hh for p in params)
+            carries, outs = SCANS[cell](tuple(reverses), tuple(p.w_hh for p in params), b_hh, x_proj, valid,
+                                        tuple(carries0))
         else:
             results = [_step_scan(step, p, x, valid, c, r) for p, x, c, r in zip(params, x_proj, carries0, reverses)]
             carries, outs = tuple(r[0] for r in results), tuple(r[1] for r in results)
     return tuple(o if time_major else jnp.swapaxes(o, 0, 1) for o in outs), carries
 
 
-def _input_projection(xs: jax.Array, params: CellParams) -> jax.Array:
-    """Time-major xs [T, B, F] -> xs @ w_ih + b_ih [T, B, G*H], as one [T*B, F] x [F, G*H] product."""
+def _input_projection(xs: jax.Array, params: CellParams, with_bias: bool = True) -> jax.Array:
+    """Time-major xs [T, B, F] -> xs @ w_ih (+ b_ih) [T, B, G*H], as one [T*B, F] x [F, G*H] product."""
     length, batch, features = xs.shape
     x_proj = xs.reshape(length * batch, features) @ params.w_ih
-    if params.b_ih is not None:
+    if with_bias and params.b_ih is not None:
         x_proj = x_proj + params.b_ih
     return x_proj.reshape(length, batch, params.w_ih.shape[1])
+
+
+def _summed_bias(params: CellParams) -> jax.Array | None:
+    """b_ih + b_hh (either may be None) for cells where both biases only enter the pre-activation's sum."""
+    if params.b_ih is None:
+        return params.b_hh
+    return params.b_ih if params.b_hh is None else params.b_ih + params.b_hh
 
 
 def _step_scan(step: StepFn, params: CellParams, x_proj, valid, carry0, reverse: bool):
