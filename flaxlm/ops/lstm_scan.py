@@ -91,8 +91,9 @@ def _previous(states: jax.Array, first: jax.Array, reverse: bool) -> jax.Array:
 def lstm_scan(reverses: tuple[bool, ...], w_hh, b_hh, x_proj, valid, carry0):
     """LSTMs over time-major inputs, one per direction, all in one loop over time (`scan_directions`).
 
-    Per direction d (every argument but `valid` is a tuple over directions): x_proj[d] [T, B, 4H] (= x @ w_ih +
-    b_ih), carry0[d] = (h0, c0), each [B, H], w_hh[d] [H, 4H], b_hh[d] [4H] or None; reverses[d]: scan from
+    Per direction d (every argument but `valid` is a tuple over directions): x_proj[d] [T, B, 4H] (= x @ w_ih;
+    `recurrent_scan` passes b_ih + b_hh as b_hh), carry0[d] = (h0, c0), each [B, H], w_hh[d] [H, 4H], b_hh[d] [4H]
+    or None (added to h @ w_hh at every step); reverses[d]: scan from
     t = T - 1 down. valid [T, B] bool or None (every step valid), shared by all directions. Returns (final carries
     ((h, c) per direction), outputs ([T, B, H] per direction)); gradients flow to w_hh, b_hh, x_proj and carry0.
     """
@@ -110,7 +111,8 @@ def _backward_factors(gates, cs, c_prev):
     """Everything the backward loop multiplies by, from all steps at once (one elementwise pass over [T, ...]).
 
     gates [T, B, 4H] activated (i, f, g, o), cs the carried cell states after each step and c_prev those before,
-    [T, B, H] (at a masked step cs is the kept carry, not f c + i g; the loop zeroes that step's dz anyway). Returns (m [T, B, 4H] = (g, c_prev, i, tanh c) * (i (1 - i), f (1 - f), 1 - g^2, o (1 - o)),
+    [T, B, H] (at a masked step cs is the kept carry, not f c + i g; the loop zeroes that step's dz anyway).
+    Returns (m [T, B, 4H] = (g, c_prev, i, tanh c) * (i (1 - i), f (1 - f), 1 - g^2, o (1 - o)),
     o (1 - tanh^2 c) [T, B, H], f [T, B, H]), so that a step's gradient is dz = (dc', dc', dc', dh) * m."""
     i, f, g, o = jnp.split(gates, 4, axis=-1)
     tanh_c = jnp.tanh(cs)

@@ -79,8 +79,7 @@ def gru_core(carry: jax.Array, x_proj: jax.Array, rec: jax.Array):
 def _each_direction(scan):
     """A one-direction scan (reverse, w_hh, b_hh, x_proj, valid, carry0) run once per direction (tuples)."""
     def run(reverses, w_hh, b_hh, x_proj, valid, carry0):
-        results = [scan(*args, valid, c) for args, c in zip(zip(reverses, w_hh, b_hh, x_proj), carry0)]
-        return tuple(r[0] for r in results), tuple(r[1] for r in results)
+        return tuple(zip(*(scan(*args, valid, c) for args, c in zip(zip(reverses, w_hh, b_hh, x_proj), carry0))))
 
     return run
 
@@ -220,8 +219,8 @@ def recurrent_scan_directions(
             carries, outs = SCANS[cell](tuple(reverses), tuple(p.w_hh for p in params), b_hh, x_proj, valid,
                                         tuple(carries0))
         else:
-            results = [_step_scan(step, p, x, valid, c, r) for p, x, c, r in zip(params, x_proj, carries0, reverses)]
-            carries, outs = tuple(r[0] for r in results), tuple(r[1] for r in results)
+            carries, outs = zip(*(_step_scan(step, p, x, valid, c, r)
+                                  for p, x, c, r in zip(params, x_proj, carries0, reverses)))
     return tuple(o if time_major else jnp.swapaxes(o, 0, 1) for o in outs), carries
 
 
