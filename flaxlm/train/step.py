@@ -194,34 +194,65 @@ def _train_body(loss_fn, grad_accum_steps, compute_dtype, nonfinite, axis_name, 
     return train_step
 
 
-class _JitPerStructure:
-    """`jax.jit` with shardings derived from the first argument; one jitted function per tree structure.
+class _JitOverLeaves:
+    """`fn(tree, batch)` jitted over the flat leaves of `tree`; one jitted function per tree structure.
 
-    The shardings of a state depend on its parameters' metadata, which is part of its tree structure, so
-    keying on the structure compiles exactly as often as jax.jit alone would.
+    The tree (a TrainState or a model: nnx Modules) is flattened here once per call and the jitted function
+    takes and returns leaves. Given the tree itself, jax.jit flattens it again after the structure lookup (nnx's
+    Python callbacks): a call returned after 1.59 instead of 1.34 ms on the nanoGPT CPU config (median of 100,
+    same process). `shardings(tree)` -> (the tree's shardings, as a tree or one prefix sharding; the
+    batch's; the metrics') is called once per structure, which fixes the shardings exactly as often as jax.jit
+    alone would retrace: a state's shardings depend on its parameters' metadata, part of its tree structure.
+    With `with_state_out`, fn returns (tree of the same structure, metrics), else metrics.
     """
 
-    def __init__(self, fn, shardings_for: Callable, donate: bool):
+    def __init__(self, fn, *, donate: bool, with_state_out: bool, shardings: Callable | None = None):
         self._fn = fn
-        self._shardings_for = shardings_for
         self._donate = (0,) if donate else ()
+        self._with_state_out = with_state_out
+        self._shardings = shardings
         self._jitted = {}
 
+    def _jit(self, treedef, tree):
+        out_treedefs = []
+
+        def over_leaves(leaves, batch):
+            out = self._fn(jax.tree.unflatten(treedef, leaves), batch)
+            if not self._with_state_out:
+                return out
+            state, metrics = out
+            state_leaves, out_treedef = jax.tree.flatten(state)
+            out_treedefs.append(out_treedef)
+            return state_leaves, metrics
+
+        if self._shardings is None:
+            return jax.jit(over_leaves, donate_argnums=self._donate), out_treedefs
+        tree_sharding, batch_sharding_, metrics_sharding = self._shardings(tree)
+        if not isinstance(tree_sharding, jax.sharding.Sharding):
+            tree_sharding = treedef.flatten_up_to(tree_sharding)
+        out_shardings = (tree_sharding, metrics_sharding) if self._with_state_out else metrics_sharding
+        jitted = jax.jit(over_leaves, in_shardings=(tree_sharding, batch_sharding_), out_shardings=out_shardings,
+                         donate_argnums=self._donate)
+        return jitted, out_treedefs
+
     def _get(self, tree):
-        structure = jax.tree.structure(tree)
-        if structure not in self._jitted:
-            in_shardings, out_shardings = self._shardings_for(tree)
-            self._jitted[structure] = jax.jit(
-                self._fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=self._donate
-            )
-        return self._jitted[structure]
+        leaves, treedef = jax.tree.flatten(tree)
+        if treedef not in self._jitted:
+            self._jitted[treedef] = self._jit(treedef, tree)
+        return leaves, self._jitted[treedef]
 
     def __call__(self, tree, batch):
-        return self._get(tree)(tree, batch)
+        leaves, (jitted, out_treedefs) = self._get(tree)
+        out = jitted(leaves, batch)
+        if not self._with_state_out:
+            return out
+        state_leaves, metrics = out
+        return jax.tree.unflatten(out_treedefs[-1], state_leaves), metrics
 
     def lower(self, tree, batch):
         """Lower for the given arguments (for inspecting the compiled program)."""
-        return self._get(tree).lower(tree, batch)
+        leaves, (jitted, _) = self._get(tree)
+        return jitted.lower(leaves, batch)
 
 
 def _validate_axis_name(axis_name, mesh: Mesh | None):
@@ -234,28 +265,18 @@ def _validate_axis_name(axis_name, mesh: Mesh | None):
 
 def _compile(body, *, mesh, rules, axis_name, donate, with_state_out: bool):
     """jit `body(tree, batch)`: plain, sharded per structure, or shard_map'd over `axis_name`."""
-    donate_argnums = (0,) if donate else ()
     if mesh is None:
-        return jax.jit(body, donate_argnums=donate_argnums)
+        return _JitOverLeaves(body, donate=donate, with_state_out=with_state_out)
     replicated = NamedSharding(mesh, PartitionSpec())
     if axis_name is not None:
         batch_spec = PartitionSpec(axis_name)
         out_specs = (PartitionSpec(), PartitionSpec()) if with_state_out else PartitionSpec()
         mapped = jax.shard_map(body, mesh=mesh, in_specs=(PartitionSpec(), batch_spec), out_specs=out_specs)
-        out_shardings = (replicated, replicated) if with_state_out else replicated
-        return jax.jit(
-            mapped,
-            in_shardings=(replicated, NamedSharding(mesh, batch_spec)),
-            out_shardings=out_shardings,
-            donate_argnums=donate_argnums,
-        )
-
-    def shardings_for(tree):
-        tree_shardings = state_shardings(tree, mesh, rules)
-        out = (tree_shardings, replicated) if with_state_out else replicated
-        return (tree_shardings, batch_sharding(mesh, rules)), out
-
-    return _JitPerStructure(body, shardings_for, donate)
+        return _JitOverLeaves(mapped, donate=donate, with_state_out=with_state_out,
+                              shardings=lambda tree: (replicated, NamedSharding(mesh, batch_spec), replicated))
+    return _JitOverLeaves(body, donate=donate, with_state_out=with_state_out,
+                          shardings=lambda tree: (state_shardings(tree, mesh, rules), batch_sharding(mesh, rules),
+                                                  replicated))
 
 
 def make_train_step(

@@ -232,3 +232,19 @@ def test_variable_lengths_compile_once_per_bucket():
     batches = [make_batch(i, length=length) for i, length in enumerate(lengths)]
     compiles, _ = _count_compiles(lambda: _run(step, _state(), batches))
     assert compiles == len(set(lengths))
+
+
+def test_one_step_function_serves_states_of_different_structures():
+    """The step is jitted over the state's leaves, one compilation per state structure (here two optimizers):
+    each result has its input's structure and the values of a step function used for that structure alone."""
+    step, batch = make_train_step(lm_loss), make_batch(0)
+    states = _state(SGD), _state(ADAMW)
+    compiles, (sgd, adamw) = _count_compiles(lambda: tuple(step(state, batch)[0] for state in states))
+    assert compiles == 2
+    for out, tx in ((sgd, SGD), (adamw, ADAMW)):
+        expected, _ = make_train_step(lm_loss)(_state(tx), batch)
+        assert isinstance(out, TrainState)
+        assert jax.tree.structure(out) == jax.tree.structure(expected)
+        _assert_trees_close((_params(out.model), out.opt_state, out.step),
+                            (_params(expected.model), expected.opt_state, expected.step), atol=0)
+    assert "dot_general" in step.lower(_state(SGD), batch).as_text()
