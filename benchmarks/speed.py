@@ -37,13 +37,17 @@ runs of the same round, which cancels most of a host's drift between minutes.
 
 --loop-overhead: `flaxlm.trainer.train` on configs/char_gpt_cpu.yaml for --loop-steps steps in a temporary
 workdir (evaluation and checkpoint only at the end, progress bar off), against the bare train step of the same
-config in the same process (timed like the cases, before and after the run). The trainer's figure is its own
+config in the same process (timed like the cases, compiled once). The trainer's figure is its own
 `perf/step_time_s`: the wall time of each log window divided by its steps (steps are not synchronised one by
 one there; the window ends with a device_get), median over the windows after the first (which includes
-compilation). Overhead = trainer median / mean of the two bare medians - 1. Because the trainer does not
-synchronise every step, the bare step is also timed that way (3 windows of --loop-log-every steps dispatched
-back to back, then synchronised), and the overhead against that is reported too. Runs shorter than the
-config's 100 warm-up steps warm up over half the run (the schedule changes the rate, not the cost).
+compilation). The bare step is timed before the first trainer run and after each of --loop-rounds runs; a
+round's overhead = trainer median / mean of the bare medians just before and after it - 1, and the reported
+overhead is the median over rounds (the host's speed drifts by tens of percent between minutes). Because the
+trainer does not synchronise every step, the bare step is also timed that way (as many windows of
+--loop-log-every steps dispatched back to back, then synchronised, as the trainer's median is taken over), and
+the overhead against that is reported too. Runs
+shorter than the config's 100 warm-up steps warm up over half the run (the schedule changes the rate, not
+the cost).
 
 Every worker process (both frameworks, and the studies) starts with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`,
 as the `flaxlm` command does (flaxlm/hugepage_malloc.py): glibc then backs large malloc'd buffers with
@@ -170,33 +174,38 @@ def _depth_worker(job: dict) -> dict:
             "total_s": done - start, "num_params": bench.num_params}
 
 
-def _bare_step_times(cfg, steps: int, warmup: int, every: int) -> tuple[float, float]:
-    """Bare train step of `build_run(cfg)` on pre-fetched batches of its data: (median synchronised step time,
-    median per-step time of 3 windows of `every` steps dispatched back to back and synchronised at the end)."""
-    import jax
+class _BareStep:
+    """The bare train step of `build_run(cfg)` on pre-fetched batches of its data, compiled once."""
 
-    from flaxlm.train.sharding import shard_batch
-    from flaxlm.trainer import build_run
+    def __init__(self, cfg):
+        from flaxlm.train.sharding import shard_batch
+        from flaxlm.trainer import build_run
 
-    run = build_run(cfg)
-    data = run.task.train_iterator()
-    batches = iter([shard_batch(next(data), run.mesh) for _ in range(1 + warmup + steps + 3 * every)])
-    state = run.state
-    synced = []
-    for i in range(1 + warmup + steps):
-        start = time.perf_counter()
-        state, metrics = run.train_step(state, next(batches))
-        jax.block_until_ready((state, metrics))
-        if i > warmup:
-            synced.append(time.perf_counter() - start)
-    windows = []
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(every):
-            state, metrics = run.train_step(state, next(batches))
-        jax.block_until_ready((state, metrics))
-        windows.append((time.perf_counter() - start) / every)
-    return statistics.median(synced), statistics.median(windows)
+        self.run = build_run(cfg)
+        data = self.run.task.train_iterator()
+        self.batches = [shard_batch(next(data), self.run.mesh) for _ in range(8)]
+        self.state = self.run.state
+
+    def times(self, steps: int, warmup: int, every: int, windows: int) -> tuple[float, float]:
+        """(median synchronised step time, median per-step time of `windows` windows of `every` steps dispatched
+        back to back and synchronised at the end)."""
+        import jax
+
+        synced = []
+        for i in range(1 + warmup + steps):
+            start = time.perf_counter()
+            self.state, metrics = self.run.train_step(self.state, self.batches[i % len(self.batches)])
+            jax.block_until_ready((self.state, metrics))
+            if i > warmup:
+                synced.append(time.perf_counter() - start)
+        windowed = []
+        for _ in range(windows):
+            start = time.perf_counter()
+            for i in range(every):
+                self.state, metrics = self.run.train_step(self.state, self.batches[i % len(self.batches)])
+            jax.block_until_ready((self.state, metrics))
+            windowed.append((time.perf_counter() - start) / every)
+        return statistics.median(synced), statistics.median(windowed)
 
 
 def _loop_worker(job: dict) -> dict:
@@ -210,25 +219,35 @@ def _loop_worker(job: dict) -> dict:
     if load_experiment(LOOP_CONFIG).optim.schedule.warmup_steps >= n:  # a short run: warm up over half of it
         overrides.append(f"optim.schedule.warmup_steps={n // 2}")
     cfg = load_experiment(LOOP_CONFIG, overrides)
-    bare_before, windowed_before = _bare_step_times(cfg, job["steps"], job["warmup"], every)
-    with tempfile.TemporaryDirectory() as workdir:
-        start = time.perf_counter()
-        train(cfg, workdir, progress=False)
-        total = time.perf_counter() - start
-        rows = read_metrics(pathlib.Path(workdir) / "metrics.jsonl")
-    windows = [r["perf/step_time_s"] for r in rows if r["step"] > every and r.get("perf/step_time_s") is not None]
-    bare_after, windowed_after = _bare_step_times(cfg, job["steps"], job["warmup"], every)
-    if not windows:
-        raise ValueError(f"no log window after the first: loop_steps={n} must exceed loop_log_every={every}")
-    trainer = statistics.median(windows)
-    bare = (bare_before + bare_after) / 2
-    windowed = (windowed_before + windowed_after) / 2
-    return {"loop_steps": n, "log_every": every, "trainer_median_step_s": trainer, "trainer_windows_s": windows,
-            "trainer_total_s": total, "bare_median_step_s_before": bare_before,
-            "bare_median_step_s_after": bare_after, "bare_median_step_s": bare,
-            "overhead_percent": (trainer / bare - 1) * 100,
-            "bare_windowed_step_s_before": windowed_before, "bare_windowed_step_s_after": windowed_after,
-            "bare_windowed_step_s": windowed, "overhead_vs_windowed_percent": (trainer / windowed - 1) * 100,
+    bare = _BareStep(cfg)
+    n_windows = n // every - 1  # as many as the trainer's median is taken over
+    bares = [bare.times(job["steps"], job["warmup"], every, n_windows)]
+    rounds = []
+    for _ in range(job.get("rounds", 1)):
+        with tempfile.TemporaryDirectory() as workdir:
+            start = time.perf_counter()
+            train(cfg, workdir, progress=False)
+            total = time.perf_counter() - start
+            rows = read_metrics(pathlib.Path(workdir) / "metrics.jsonl")
+        windows = [r["perf/step_time_s"] for r in rows if r["step"] > every and r.get("perf/step_time_s") is not None]
+        if not windows:
+            raise ValueError(f"no log window after the first: loop_steps={n} must exceed loop_log_every={every}")
+        bares.append(bare.times(job["steps"], job["warmup"], every, n_windows))
+        (synced_before, windowed_before), (synced_after, windowed_after) = bares[-2:]
+        trainer = statistics.median(windows)
+        synced, windowed = (synced_before + synced_after) / 2, (windowed_before + windowed_after) / 2
+        rounds.append({"trainer_median_step_s": trainer, "trainer_windows_s": windows, "trainer_total_s": total,
+                       "bare_median_step_s": synced, "bare_windowed_step_s": windowed,
+                       "overhead_percent": (trainer / synced - 1) * 100,
+                       "overhead_vs_windowed_percent": (trainer / windowed - 1) * 100})
+
+    def median(key):
+        return statistics.median(r[key] for r in rounds)
+
+    return {"loop_steps": n, "log_every": every, "rounds": rounds,
+            "bare_step_s_between_rounds": [{"synced": a, "windowed": b} for a, b in bares],
+            **{key: median(key) for key in ("trainer_median_step_s", "bare_median_step_s", "bare_windowed_step_s",
+                                            "overhead_percent", "overhead_vs_windowed_percent")},
             "threads": _flaxlm_threads()}
 
 
@@ -426,7 +445,8 @@ def markdown(results: dict) -> str:
     if loop:
         if "overhead_percent" in loop:
             lines.append(f"Training-loop overhead (flaxlm.trainer.train, configs/char_gpt_cpu.yaml, "
-                         f"{loop['loop_steps']} steps, log every {loop['log_every']}): "
+                         f"{loop['loop_steps']} steps, log every {loop['log_every']}, median of "
+                         f"{len(loop['rounds'])} rounds): "
                          f"{loop['trainer_median_step_s'] * 1e3:.1f} ms/step vs the bare step "
                          f"{loop['bare_median_step_s'] * 1e3:.1f} ms: {loop['overhead_percent']:+.1f}% "
                          f"(vs the bare step in unsynchronised windows of {loop['log_every']} steps, "
@@ -451,6 +471,7 @@ def main(argv=None) -> int:
     parser.add_argument("--loop-overhead", action="store_true", help="trainer loop vs bare step")
     parser.add_argument("--loop-steps", type=int, default=200)
     parser.add_argument("--loop-log-every", type=int, default=20)
+    parser.add_argument("--loop-rounds", type=int, default=3, help="trainer runs, each between two bare timings")
     parser.add_argument("--no-hugepage-malloc", dest="hugepage_malloc", action="store_false",
                         help="do not add glibc.malloc.hugetlb=1 to the workers' GLIBC_TUNABLES")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed to each subprocess")
@@ -492,7 +513,7 @@ def main(argv=None) -> int:
         results["compile_depth"] = compile_depth(args)
     if args.loop_overhead:
         job = {"kind": "loop_overhead", "loop_steps": args.loop_steps, "log_every": args.loop_log_every,
-               "steps": args.steps, "warmup": args.warmup}
+               "rounds": args.loop_rounds, "steps": args.steps, "warmup": args.warmup}
         results["loop_overhead"] = run_worker(job, args.timeout)
         print(f"loop overhead: {results['loop_overhead']}", flush=True)
     results["machine"]["loadavg_after"] = os.getloadavg()
