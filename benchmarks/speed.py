@@ -18,7 +18,8 @@ torch.optim.AdamW, eagerly and under torch.compile (benchmarks/speed_torch.py); 
 speed_cases.py. Every (case, framework) runs in its own subprocess of this script, one after the other, so
 that its peak memory is its own: `peak RSS` is `resource.getrusage(RUSAGE_SELF).ru_maxrss` of that process
 (the whole process: interpreter, framework libraries, compiler, data). torch runs with
-`torch.set_num_threads(cores)` (cores = the CPUs this process may run on, so `taskset -c 1` means one); XLA:CPU uses its default pool (one thread per core).
+`torch.set_num_threads(cores)` (cores = the CPUs this process may run on, so `taskset -c 1` means one); XLA:CPU
+uses its default pool (one thread per core).
 
 Per (case, framework): the first step's time (`compile_s`: for flaxlm tracing + XLA compilation + one step,
 for torch.compile Dynamo + Inductor compilation + one step, for eager just the first step), then `--warmup`

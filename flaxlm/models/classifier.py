@@ -7,8 +7,9 @@ Backbones: 'rnn', 'lstm', 'gru', 'bilstm' (flaxlm.nn.RNN), 'cnn' (Kim CNN, which
 Poolings: 'last' (state after the last valid token; for 'bilstm' the forward state at the last valid token joined
 with the backward state at the first), 'mean' and 'max' over valid positions, 'cls' (position 0; for 'bert' the
 pooler's tanh(dense([CLS]))), 'attention' (keys-only additive attention, as in Flax's sst2 example). With
-head_hidden > 0 the head is Linear -> tanh -> dropout -> Linear (Flax's sst2 MLP). Padding never reaches the logits: recurrent scans stop at each length, attention
-never looks at padding, and pooling reads valid positions only.
+head_hidden > 0 the head is Linear -> tanh -> dropout -> Linear (Flax's sst2 MLP). Padding never reaches the
+logits: recurrent scans stop at each length, attention never looks at padding, and pooling reads valid positions
+only.
 """
 
 import dataclasses

@@ -22,7 +22,8 @@ from flaxlm.ops.dropout import dropout
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
-    """nanoGPT's GPTConfig fields, plus tie_embeddings, layer_norm_eps, unroll, remat (see flaxlm.nn.transformer) and dtypes."""
+    """nanoGPT's GPTConfig fields, plus tie_embeddings, layer_norm_eps, unroll, remat (see flaxlm.nn.transformer)
+    and dtypes."""
 
     vocab_size: int = 50304
     block_size: int = 1024

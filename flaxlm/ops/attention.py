@@ -76,7 +76,8 @@ def dot_product_attention(
             return _cudnn_attention(q, k, v, mask, bias, is_causal)
         except (NotImplementedError, RuntimeError) as e:
             raise ValueError(f"implementation='cudnn' cannot run this call: {e}") from e
-    if implementation is None and not _cudnn_unsupported(q, k, v, mask, bias, use_dropout, return_weights, check_backend=True):
+    if implementation is None and not _cudnn_unsupported(q, k, v, mask, bias, use_dropout, return_weights,
+                                                          check_backend=True):
         try:
             return _cudnn_attention(q, k, v, mask, bias, is_causal)
         except (NotImplementedError, ValueError, RuntimeError):

@@ -50,7 +50,8 @@ class LMTask:
         self.model_config = model_config(GPTConfig, cfg.model, vocab_size=self.tokenizer.vocab_size,
                                          block_size=cfg.model.get("block_size", data.block_size))
         if data.block_size > self.model_config.block_size:
-            raise DataError(f"data.block_size={data.block_size} exceeds model.block_size={self.model_config.block_size}")
+            raise DataError(f"data.block_size={data.block_size} exceeds "
+                            f"model.block_size={self.model_config.block_size}")
         self.tokens_per_batch = data.batch_size * data.block_size
 
     def _encode(self, text: str, path) -> np.ndarray:
