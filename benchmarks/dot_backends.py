@@ -6,44 +6,28 @@
 Products: each dense product of the speed cases ([M, K] x [K, N], its input gradient [M, N] x [K, N]^T and its
 weight gradient [M, K]^T x [M, N]) jitted alone and compiled twice, with YNNPACK dots (XLA's default) and with
 `xla_cpu_experimental_ynn_fusion_type` empty (XLA then emits Eigen dots), timed in turn with the same product
-in PyTorch (oneDNN, `torch.set_num_threads(2)`); a ratio is the median over repetitions of the ratio within
+in PyTorch (oneDNN, one thread per CPU this process may run on, as in speed.py); a ratio is the median over repetitions of the ratio within
 one repetition (< 1: XLA faster), so the host's drift hits both sides alike. Steps: a case's whole flaxlm train
 step compiled both ways and run in turn on the same state.
 """
 
 import argparse
+import os
 import pathlib
 import statistics
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from report import publish  # noqa: E402
 from speed_cases import CASES, case_size  # noqa: E402
+from timing import alternating_seconds  # noqa: E402
 
 BACKENDS = {"ynn": {}, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}
 # (M, K, N): gpt_large's qkv, attention output, MLP and LSTM projections, seq2seq's output layer.
 PRODUCTS = ((4096, 384, 1152), (4096, 384, 384), (4096, 384, 1536), (4096, 256, 1024), (4096, 512, 1024),
             (1536, 512, 8000))
-
-
-def _seconds(run) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-
-def _alternate(runs: dict, reps: int) -> dict[str, list[float]]:
-    """Time every run once per repetition, in turn, after one untimed call each."""
-    for run in runs.values():
-        run()
-    times = {name: [] for name in runs}
-    for _ in range(reps):
-        for name, run in runs.items():
-            times[name].append(_seconds(run))
-    return times
 
 
 def _paired(times: list[float], reference: list[float]) -> float:
@@ -56,7 +40,7 @@ def products(reps: int) -> list[dict]:
     import jax.numpy as jnp
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     rng = np.random.default_rng(0)
     rows = []
     for m, k, n in PRODUCTS:
@@ -70,7 +54,7 @@ def products(reps: int) -> list[dict]:
             lowered = jax.jit(fn).lower(*args)
             runs = {b: (lambda c=lowered.compile(o): jax.block_until_ready(c(*args))) for b, o in BACKENDS.items()}
             runs["torch"] = torch_run
-            times = _alternate(runs, reps)
+            times = alternating_seconds(runs, reps)
             row = {"product": f"[{m}, {k}] x [{k}, {n}]", "pass": name,
                    "torch_ms": statistics.median(times["torch"]) * 1e3}
             row.update({f"{b}_ratio": _paired(times[b], times["torch"]) for b in BACKENDS})
@@ -94,7 +78,7 @@ def steps(case: str, reps: int) -> dict:
         leaves[0], metrics = step(leaves[0], bench.batch)
         jax.block_until_ready((leaves[0], metrics))
 
-    times = _alternate({b: (lambda c=c: run(c)) for b, c in compiled.items()}, reps)
+    times = alternating_seconds({b: (lambda c=c: run(c)) for b, c in compiled.items()}, reps)
     row = {f"{b}_ms": statistics.median(t) * 1e3 for b, t in times.items()}
     row["eigen_ratio"] = _paired(times["eigen"], times["ynn"])
     print(case, row, flush=True)

@@ -1,19 +1,33 @@
-"""Median wall-clock time of a callable, shared by the benchmark scripts."""
+"""Wall-clock time of callables, shared by the benchmark scripts.
+
+Every callable must block until its result is ready (block_until_ready for JAX; torch CPU ops are synchronous).
+"""
 
 import statistics
 import time
 
 
-def median_seconds(fn, *, warmup: int = 3, repeats: int = 20) -> float:
-    """Call `fn()` `warmup` times, then `repeats` times; return the median seconds per call.
+def seconds(fn) -> float:
+    """Wall-clock seconds of one call of `fn()`."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
-    `fn` must block until its result is ready (block_until_ready for JAX; torch CPU ops are synchronous).
-    """
+
+def median_seconds(fn, *, warmup: int = 3, repeats: int = 20) -> float:
+    """Call `fn()` `warmup` times, then `repeats` times; return the median seconds per call."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return statistics.median(seconds(fn) for _ in range(repeats))
+
+
+def alternating_seconds(runs: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each named callable, called in turn once per repetition after one untimed call each, so that
+    the host's drift hits all of them alike: {name: [seconds per repetition]}."""
+    for fn in runs.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name].append(seconds(fn))
+    return times

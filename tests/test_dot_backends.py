@@ -14,10 +14,11 @@ import dot_backends  # noqa: E402
 def test_eigen_option_compiles_plain_dots_without_ynn_fusions():
     x = jnp.ones((256, 256), jnp.float32)
     lowered = jax.jit(lambda a, b: a @ b).lower(x, x)
-    eigen = lowered.compile(dot_backends.BACKENDS["eigen"]).as_text()
+    compiled = lowered.compile(dot_backends.BACKENDS["eigen"])
+    eigen = compiled.as_text()
     assert "__ynn_fusion" not in eigen
     assert " dot(" in eigen
-    assert (lowered.compile(dot_backends.BACKENDS["eigen"])(x, x) == 256.0).all()
+    assert (compiled(x, x) == 256.0).all()
 
 
 def test_markdown_has_one_row_per_product_and_step():
