@@ -128,7 +128,8 @@ def _rows(x: jax.Array | None, start: int, stop: int, keys: int) -> jax.Array | 
 
 
 def _xla_attention(q, k, v, mask, bias, is_causal, dropout_rate, dropout_key):
-    """Explicit path. Grouped heads stay as [K, G] so k/v are never repeated in memory.
+    """Explicit path, head-major: q as [B, K, G, T, D] and k/v as [B, K, S, D] (grouped heads stay as [K, G] so
+    k/v are never repeated in memory), transposed once so that every block's products have their batch axes first.
 
     Causal attention runs in blocks of QUERY_BLOCK query rows, each against only the keys it may see (block i:
     keys up to its last row), so a long causal sequence computes about half of the [T, S] logits and each block's
@@ -138,7 +139,8 @@ def _xla_attention(q, k, v, mask, bias, is_causal, dropout_rate, dropout_key):
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
-    qg = q.reshape(batch, q_len, kv_heads, groups, head_dim)
+    qh = q.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     block = QUERY_BLOCK if is_causal else q_len
     blocks = range(0, q_len, block) if q_len else range(1)
     outs, all_weights = [], []
@@ -148,22 +150,23 @@ def _xla_attention(q, k, v, mask, bias, is_causal, dropout_rate, dropout_key):
         causal = causal_mask(stop - start, keys, offset=start)[None, None] if is_causal else None
         block_mask = combine_masks(_rows(mask, start, stop, keys), causal)
         block_bias = _rows(bias, start, stop, keys)
-        logits = jnp.einsum("btkgd,bskd->bkgts", qg[:, start:stop], k[:, :keys], preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bkgtd,bksd->bkgts", qh[:, :, :, start:stop], kh[:, :, :keys],
+                            preferred_element_type=jnp.float32)
         logits = logits.reshape(batch, heads, stop - start, keys) * (1.0 / math.sqrt(head_dim))
         if block_bias is not None:
             logits = logits + block_bias.astype(jnp.float32)
         if block_mask is not None:
             logits = jnp.where(block_mask, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1)
-        if block_mask is not None:
+        if mask is not None:  # the causal mask alone leaves every row key 0, so only a caller's mask can empty a row
             weights = jnp.where(block_mask, weights, 0.0)
         key = dropout_key if len(blocks) == 1 or dropout_key is None else jax.random.fold_in(dropout_key, start)
         weights = dropout(weights, dropout_rate, key)
         wg = weights.astype(v.dtype).reshape(batch, kv_heads, groups, stop - start, keys)
-        outs.append(jnp.einsum("bkgts,bskd->btkgd", wg, v[:, :keys], preferred_element_type=jnp.float32))
+        outs.append(jnp.einsum("bkgts,bksd->bkgtd", wg, vh[:, :, :keys], preferred_element_type=jnp.float32))
         all_weights.append(jnp.pad(weights, ((0, 0), (0, 0), (0, 0), (0, kv_len - keys))))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-    out = out.reshape(batch, q_len, heads, v.shape[-1]).astype(q.dtype)
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, v.shape[-1]).astype(q.dtype)
     weights = all_weights[0] if len(all_weights) == 1 else jnp.concatenate(all_weights, axis=2)
     return out, weights.astype(q.dtype)
 
