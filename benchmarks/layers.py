@@ -22,6 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from timing import median_seconds  # noqa: E402
 
 from flaxlm.nn.recurrent import RNN  # noqa: E402
+from flaxlm.ops.attention import dot_product_attention  # noqa: E402
 from flaxlm.nn.transformer import TransformerEncoderLayer  # noqa: E402
 
 
@@ -61,6 +62,30 @@ def cases():
         name = f"TransformerEncoderLayer d=384 h=6 {'pre' if norm_first else 'post'}-norm, B=16 T=128"
         yield (name, _jax_fwd_bwd(layer, jnp.asarray(x), is_causal=True),
                _torch_fwd_bwd(_CausalTorch(torch_layer, t), torch.from_numpy(x)))
+
+    b, t, heads, d = 16, 256, 6, 64
+    qkv = rng.standard_normal((3, b, t, heads, d)).astype(np.float32)
+    yield ("Causal attention [B, T, H, D] = [16, 256, 6, 64] (gpt_large's)", _jax_attention(jnp.asarray(qkv)),
+           _torch_attention(torch.from_numpy(qkv)))
+
+
+def _jax_attention(qkv):
+    """A call returns the gradient of sum(causal attention) with respect to qkv [3, B, T, H, D]."""
+    grad = jax.jit(jax.grad(lambda qkv: dot_product_attention(*qkv, is_causal=True).sum()))
+    return lambda: jax.block_until_ready(grad(qkv))
+
+
+def _torch_attention(qkv):
+    """The same with torch's SDPA, the tensors transposed to its [B, H, T, D] as nanoGPT does."""
+    qkv = qkv.clone().requires_grad_(True)
+
+    def run():
+        qkv.grad = None
+        q, k, v = (x.transpose(1, 2) for x in qkv)
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        return qkv.grad
+
+    return run
 
 
 class _CausalTorch(torch.nn.Module):
