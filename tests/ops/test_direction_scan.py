@@ -1,5 +1,6 @@
-"""flaxlm.ops.direction_scan and the LSTM's use of it: several directions in one loop equal separate scans, outputs
-written over buffers equal fresh ones, and the compiled LSTM loops update their [T, B, 4H] arrays in place."""
+"""flaxlm.ops.direction_scan and the named cells' use of it: several directions in one loop equal separate scans,
+outputs written over buffers equal fresh ones, a bidirectional layer compiles to one loop per pass, and the
+compiled LSTM loops update their [T, B, 4H] arrays in place."""
 
 import re
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from flaxlm.ops.direction_scan import scan_directions
-from flaxlm.ops.recurrent import CellParams, lstm_step, recurrent_scan, recurrent_scan_directions
+from flaxlm.ops.recurrent import STEP_FUNCTIONS, CellParams, recurrent_scan, recurrent_scan_directions
 
 B, T, F, H = 3, 6, 4, 5
 
@@ -71,28 +72,40 @@ def test_bad_buffers_and_inputs_raise():
         scan_directions(_cumulative, carry0, (None, None), (False, True))
 
 
-def _lstm_params(seed):
-    w_ih, w_hh, b_ih, b_hh = _arrays(seed, (F, 4 * H), (H, 4 * H), (4 * H,), (4 * H,))
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+
+
+def _params(seed, cell="lstm"):
+    gates = GATES[cell]
+    w_ih, w_hh, b_ih, b_hh = _arrays(seed, (F, gates * H), (H, gates * H), (gates * H,), (gates * H,))
     return CellParams(0.5 * w_ih, 0.5 * w_hh, b_ih, b_hh)
 
 
+def _carries(cell):
+    if cell == "lstm":
+        return tuple(tuple(_arrays(seed, (B, H), (B, H))) for seed in (3, 4))
+    return tuple(_arrays(seed, (B, H))[0] for seed in (3, 4))
+
+
+@pytest.mark.parametrize("cell", sorted(GATES))
 @pytest.mark.parametrize("lengths", [None, [6, 3, 0]])
-def test_bidirectional_lstm_in_one_loop_equals_two_autodiff_scans(lengths):
-    """Outputs, final carries and every gradient of the one-loop LSTM (custom VJP) against each direction's
-    step function under plain autodiff of jax.lax.scan."""
-    params = (_lstm_params(1), _lstm_params(2))
-    carries = tuple(tuple(_arrays(seed, (B, H), (B, H))) for seed in (3, 4))
+def test_bidirectional_layer_in_one_loop_equals_two_autodiff_scans(cell, lengths):
+    """Outputs, final carries and every gradient of a named cell's one-loop directions (custom VJP) against each
+    direction's step function under plain autodiff of jax.lax.scan."""
+    params = (_params(1, cell), _params(2, cell))
+    carries = _carries(cell)
     (xs,) = _arrays(5, (B, T, F))
     lengths = None if lengths is None else jnp.array(lengths)
     out_weights = _arrays(6, (B, T, H), (B, T, H))
+    step = STEP_FUNCTIONS[cell]
 
     def loss_one_loop(params, xs, carries):
-        outs, finals = recurrent_scan_directions("lstm", params, xs, carries, reverses=(False, True), lengths=lengths)
+        outs, finals = recurrent_scan_directions(cell, params, xs, carries, reverses=(False, True), lengths=lengths)
         return sum(jnp.sum(jnp.tanh(o) * w) for o, w in zip(outs, out_weights)) + sum(
             jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(finals))
 
     def loss_separate(params, xs, carries):
-        results = [recurrent_scan(lstm_step, p, xs, c, lengths=lengths, reverse=d == 1)
+        results = [recurrent_scan(step, p, xs, c, lengths=lengths, reverse=d == 1)
                    for d, (p, c) in enumerate(zip(params, carries))]
         return sum(jnp.sum(jnp.tanh(o) * w) for (o, _), w in zip(results, out_weights)) + sum(
             jnp.sum(jnp.sin(a)) for _, final in results for a in jax.tree.leaves(final))
@@ -104,12 +117,26 @@ def test_bidirectional_lstm_in_one_loop_equals_two_autodiff_scans(lengths):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bidirectional_gradient_compiles_to_one_loop_per_pass(cell):
+    """LSTM and GRU directions share the forward loop and the backward loop: two while loops in the compiled
+    gradient (as separate scans XLA:CPU runs the directions one after the other)."""
+    params = (_params(1, cell), _params(2, cell))
+
+    def loss(params, xs):
+        outs, _ = recurrent_scan_directions(cell, params, xs, _carries(cell), reverses=(False, True))
+        return sum(jnp.sum(o * o) for o in outs)
+
+    hlo = jax.jit(jax.grad(loss)).lower(params, *_arrays(5, (B, T, F))).compile().as_text()
+    assert len(re.findall(r"= .* while\(", hlo)) == 2
+
+
 def test_compiled_bidirectional_lstm_gradient_copies_no_gate_sized_array():
     """The gates overwrite x_proj and the backward's d_z overwrites the saved gates in place: the compiled
     gradient has no copy of a [T, B, 4H] array (XLA:CPU copied such an array twice per step when a write was
     not in place)."""
-    params = (_lstm_params(1), _lstm_params(2))
-    carries = tuple(tuple(_arrays(seed, (B, H), (B, H))) for seed in (3, 4))
+    params = (_params(1), _params(2))
+    carries = _carries("lstm")
     (xs,) = _arrays(5, (B, T, F))
 
     def loss(params, xs):
