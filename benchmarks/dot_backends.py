@@ -6,8 +6,8 @@
 Products: each dense product of the speed cases ([M, K] x [K, N], its input gradient [M, N] x [K, N]^T and its
 weight gradient [M, K]^T x [M, N]) jitted alone and compiled twice, with YNNPACK dots (XLA's default) and with
 `xla_cpu_experimental_ynn_fusion_type` empty (XLA then emits Eigen dots), timed in turn with the same product
-in PyTorch (oneDNN, one thread per CPU this process may run on, as in speed.py); a ratio is the median over repetitions of the ratio within
-one repetition (< 1: XLA faster), so the host's drift hits both sides alike. Steps: a case's whole flaxlm train
+in PyTorch (oneDNN, one thread per CPU this process may run on, as in speed.py); a ratio is the median over
+repetitions of the ratio within one repetition (< 1: XLA faster), so the host's drift hits both sides alike. Steps: a case's whole flaxlm train
 step compiled both ways and run in turn on the same state.
 """
 
@@ -22,16 +22,12 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from report import publish  # noqa: E402
 from speed_cases import CASES, case_size  # noqa: E402
-from timing import alternating_seconds  # noqa: E402
+from timing import alternating_seconds, paired_ratio  # noqa: E402
 
 BACKENDS = {"ynn": {}, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}
 # (M, K, N): gpt_large's qkv, attention output, MLP and LSTM projections, seq2seq's output layer.
 PRODUCTS = ((4096, 384, 1152), (4096, 384, 384), (4096, 384, 1536), (4096, 256, 1024), (4096, 512, 1024),
             (1536, 512, 8000))
-
-
-def _paired(times: list[float], reference: list[float]) -> float:
-    return statistics.median(a / b for a, b in zip(times, reference))
 
 
 def products(reps: int) -> list[dict]:
@@ -57,7 +53,7 @@ def products(reps: int) -> list[dict]:
             times = alternating_seconds(runs, reps)
             row = {"product": f"[{m}, {k}] x [{k}, {n}]", "pass": name,
                    "torch_ms": statistics.median(times["torch"]) * 1e3}
-            row.update({f"{b}_ratio": _paired(times[b], times["torch"]) for b in BACKENDS})
+            row.update({f"{b}_ratio": paired_ratio(times[b], times["torch"]) for b in BACKENDS})
             rows.append(row)
             print(row, flush=True)
     return rows
@@ -80,7 +76,7 @@ def steps(case: str, reps: int) -> dict:
 
     times = alternating_seconds({b: (lambda c=c: run(c)) for b, c in compiled.items()}, reps)
     row = {f"{b}_ms": statistics.median(t) * 1e3 for b, t in times.items()}
-    row["eigen_ratio"] = _paired(times["eigen"], times["ynn"])
+    row["eigen_ratio"] = paired_ratio(times["eigen"], times["ynn"])
     print(case, row, flush=True)
     return row
 

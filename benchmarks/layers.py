@@ -22,8 +22,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from timing import median_seconds  # noqa: E402
 
 from flaxlm.nn.recurrent import RNN  # noqa: E402
-from flaxlm.ops.attention import dot_product_attention  # noqa: E402
 from flaxlm.nn.transformer import TransformerEncoderLayer  # noqa: E402
+from flaxlm.ops.attention import dot_product_attention  # noqa: E402
 
 
 def _jax_fwd_bwd(module, x, **kwargs):

@@ -31,3 +31,8 @@ def alternating_seconds(runs: dict, repeats: int) -> dict[str, list[float]]:
         for name, fn in runs.items():
             times[name].append(seconds(fn))
     return times
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> float:
+    """Median over repetitions of times[i] / reference[i], two lists from one `alternating_seconds` call."""
+    return statistics.median(a / b for a, b in zip(times, reference))

@@ -20,3 +20,7 @@ def test_median_seconds_warms_up_then_repeats():
     calls = []
     assert timing.median_seconds(lambda: calls.append(1), warmup=2, repeats=5) >= 0.0
     assert len(calls) == 7
+
+
+def test_paired_ratio_is_the_median_of_per_repetition_ratios():
+    assert timing.paired_ratio([2.0, 9.0, 3.0], [1.0, 3.0, 1.0]) == 3.0
