@@ -1,14 +1,15 @@
-"""XLA:CPU's matmul back ends (YNNPACK, the default, and Eigen) against PyTorch, alternating in one process.
+"""XLA:CPU's matmul back ends (YNNPACK, XLA's default; Eigen; oneDNN) against PyTorch, alternating in one process.
 
-    python benchmarks/dot_backends.py --products --steps-of gpt_large bilstm seq2seq \\
+    python benchmarks/dot_backends.py --products --steps-of gpt_cpu gpt_large bilstm seq2seq \\
         --out benchmarks/results/dot_backends.json --md benchmarks/results/dot_backends.md
 
-Products: each dense product of the speed cases ([M, K] x [K, N], its input gradient [M, N] x [K, N]^T and its
-weight gradient [M, K]^T x [M, N]) jitted alone and compiled twice, with YNNPACK dots (XLA's default) and with
-`xla_cpu_experimental_ynn_fusion_type` empty (XLA then emits Eigen dots), timed in turn with the same product
-in PyTorch (oneDNN, one thread per CPU this process may run on, as in speed.py); a ratio is the median over
-repetitions of the ratio within one repetition (< 1: XLA faster), so the host's drift hits both sides alike. Steps: a case's whole flaxlm train
-step compiled both ways and run in turn on the same state.
+Products: each dense product of the speed cases ([M, K] x [K, N], its input gradient [M, N] x [K, N]^T and
+its weight gradient [M, K]^T x [M, N]) jitted alone and compiled once per back end (XLA's default, and the
+`compiler_options` of `flaxlm.train.dot_backend` for 'eigen' and 'onednn'), timed in turn with the same
+product in PyTorch (oneDNN, one thread per CPU this process may run on, as in speed.py); a ratio is the
+median over repetitions of the ratio within one repetition (< 1: XLA faster), so the host's drift hits both
+sides alike. Steps: a case's whole flaxlm train step compiled once per back end and run in turn on the same
+state; ratios to the YNNPACK step.
 """
 
 import argparse
@@ -19,15 +20,19 @@ import sys
 
 import numpy as np
 
+from flaxlm.train.dot_backend import CPU_OPTIONS
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from report import publish  # noqa: E402
 from speed_cases import CASES, case_size  # noqa: E402
 from timing import alternating_seconds, paired_ratio  # noqa: E402
 
-BACKENDS = {"ynn": {}, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}
-# (M, K, N): gpt_large's qkv, attention output, MLP and LSTM projections, seq2seq's output layer.
-PRODUCTS = ((4096, 384, 1152), (4096, 384, 384), (4096, 384, 1536), (4096, 256, 1024), (4096, 512, 1024),
-            (1536, 512, 8000))
+BACKENDS = {"ynn": {}, **CPU_OPTIONS}
+NAMES = {"ynn": "YNNPACK", "eigen": "Eigen", "onednn": "oneDNN"}
+# (M, K, N): gpt_cpu's qkv, MLP in and out; gpt_large's qkv, attention output and MLP; the LSTM input
+# projections; seq2seq's output layer.
+PRODUCTS = ((768, 128, 384), (768, 128, 512), (768, 512, 128), (4096, 384, 1152), (4096, 384, 384),
+            (4096, 384, 1536), (4096, 256, 1024), (4096, 512, 1024), (1536, 512, 8000))
 
 
 def products(reps: int) -> list[dict]:
@@ -76,7 +81,7 @@ def steps(case: str, reps: int) -> dict:
 
     times = alternating_seconds({b: (lambda c=c: run(c)) for b, c in compiled.items()}, reps)
     row = {f"{b}_ms": statistics.median(t) * 1e3 for b, t in times.items()}
-    row["eigen_ratio"] = paired_ratio(times["eigen"], times["ynn"])
+    row.update({f"{b}_ratio": paired_ratio(times[b], times["ynn"]) for b in BACKENDS if b != "ynn"})
     print(case, row, flush=True)
     return row
 
@@ -84,14 +89,18 @@ def steps(case: str, reps: int) -> dict:
 def markdown(results: dict) -> str:
     lines = []
     if results.get("products"):
-        lines += ["| product | pass | PyTorch ms | YNNPACK / PyTorch | Eigen / PyTorch |", "|---|---|---|---|---|"]
-        lines += [f"| {r['product']} | {r['pass']} | {r['torch_ms']:.2f} | {r['ynn_ratio']:.2f} | "
-                  f"{r['eigen_ratio']:.2f} |" for r in results["products"]]
+        lines += ["| product | pass | PyTorch ms | " + " | ".join(f"{NAMES[b]} / PyTorch" for b in BACKENDS) + " |",
+                  "|---|---|---|" + "---|" * len(BACKENDS)]
+        lines += [f"| {r['product']} | {r['pass']} | {r['torch_ms']:.2f} | "
+                  + " | ".join(f"{r[b + '_ratio']:.2f}" for b in BACKENDS) + " |" for r in results["products"]]
         lines.append("")
     if results.get("steps"):
-        lines += ["| case | train step, YNNPACK ms | Eigen ms | Eigen / YNNPACK |", "|---|---|---|---|"]
-        lines += [f"| {c} | {r['ynn_ms']:.1f} | {r['eigen_ms']:.1f} | {r['eigen_ratio']:.3f} |"
-                  for c, r in results["steps"].items()]
+        others = [b for b in BACKENDS if b != "ynn"]
+        lines += ["| case | train step, YNNPACK ms | " + " | ".join(f"{NAMES[b]} ms" for b in others) + " | "
+                  + " | ".join(f"{NAMES[b]} / YNNPACK" for b in others) + " |",
+                  "|---|---|" + "---|" * 2 * len(others)]
+        lines += [f"| {c} | {r['ynn_ms']:.1f} | " + " | ".join(f"{r[b + '_ms']:.1f}" for b in others) + " | "
+                  + " | ".join(f"{r[b + '_ratio']:.3f}" for b in others) + " |" for c, r in results["steps"].items()]
         lines.append("")
     return "\n".join(lines)
 

@@ -31,6 +31,8 @@ under jax.jit (flaxlm.bench.matmul_peak_flops), one before the cases and one aft
 `--rounds N` runs each case's frameworks N times in alternation (flaxlm, torch, torch.compile, flaxlm, ...): the
 reported run of a framework is its median round, and a ratio is the median over rounds of the ratio of the two
 runs of the same round, which cancels most of a host's drift between minutes.
+`--dot-backend gpt_large=eigen ...` builds those cases' flaxlm steps with that `dot_backend` (the library of
+XLA:CPU's matmuls, `flaxlm.train.dot_backend`); the others keep XLA's default.
 
 --compile-depth: compile time (jit lowering, then XLA compilation, each timed) of the GPT train step at width
 128, context 64, 4 heads, batch 12, with 2 and with 12 layers, each in a fresh process; the layers run under
@@ -82,6 +84,7 @@ from report import publish  # noqa: E402
 from speed_cases import CASES, case_size, model_flops_per_step, size_from_dict, tokens_per_step  # noqa: E402
 
 from flaxlm.hugepage_malloc import hugepage_environment  # noqa: E402
+from flaxlm.train.dot_backend import DOT_BACKENDS  # noqa: E402
 
 RESULT_PREFIX = "SPEED_RESULT "
 FRAMEWORKS = ("flaxlm", "torch", "torch_compile")
@@ -131,7 +134,7 @@ def _case_worker(job: dict) -> dict:
     if job["framework"] == "flaxlm":
         import speed_flaxlm
 
-        bench = speed_flaxlm.Bench(size)
+        bench = speed_flaxlm.Bench(size, dot_backend=job.get("dot_backend", "xla"))
         threads = _flaxlm_threads()
     else:
         import torch
@@ -282,7 +285,19 @@ def run_worker(job: dict, timeout: float, env: dict | None = None) -> dict:
 
 def _case_job(name: str, size, framework: str, args) -> dict:
     return {"kind": "case", "case": name, "size": dataclasses.asdict(size), "framework": framework,
-            "steps": args.steps, "warmup": args.warmup}
+            "steps": args.steps, "warmup": args.warmup, "dot_backend": args.dot_backend.get(name, "xla")}
+
+
+def _dot_backends(parser, pairs: list[str]) -> dict[str, str]:
+    """`--dot-backend CASE=NAME ...` as {case: name}; a usage error names the bad pair."""
+    chosen = {}
+    for pair in pairs:
+        case, _, name = pair.partition("=")
+        if case not in CASES or name not in DOT_BACKENDS:
+            parser.error(f"--dot-backend {pair!r}: expected CASE=NAME with CASE one of {CASES} and NAME one of "
+                         f"{DOT_BACKENDS}")
+        chosen[case] = name
+    return chosen
 
 
 def run_case(name: str, size, args) -> dict:
@@ -435,6 +450,9 @@ def markdown(results: dict) -> str:
         lines.append(f"MFU = analytic model FLOPs per step / median step time / {peak / 1e9:.0f} GFLOP/s (2048^2 "
                      f"float32 matmul under jax.jit, this sitting). Compile s = first step (trace + compile + "
                      f"one step). Peak RSS = ru_maxrss of the benchmark process.")
+    if s.get("dot_backend"):
+        lines.append("flaxlm's matmul library (`dot_backend`; XLA's default elsewhere): "
+                     + ", ".join(f"{case} {name}" for case, name in s["dot_backend"].items()) + ".")
     lines.extend(notes)
     depth = results.get("compile_depth")
     if depth:
@@ -468,6 +486,8 @@ def main(argv=None) -> int:
     parser.add_argument("--pooling", choices=("last", "max"), default="last", help="BiLSTM pooling")
     parser.add_argument("--tiny", action="store_true", help="shrink every case (smoke test; numbers meaningless)")
     parser.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
+    parser.add_argument("--dot-backend", nargs="*", default=[], metavar="CASE=NAME",
+                        help=f"flaxlm's dot_backend for these cases, NAME one of {DOT_BACKENDS} (default xla)")
     parser.add_argument("--compile-depth", action="store_true", help="GPT compile time, 2 vs 12 layers")
     parser.add_argument("--loop-overhead", action="store_true", help="trainer loop vs bare step")
     parser.add_argument("--loop-steps", type=int, default=200)
@@ -490,12 +510,13 @@ def main(argv=None) -> int:
         parser.error(f"--loop-steps ({args.loop_steps}) must exceed --loop-log-every ({args.loop_log_every}): "
                      "the first log window (compilation) is excluded")
 
+    args.dot_backend = _dot_backends(parser, args.dot_backend)
     if args.hugepage_malloc:
         os.environ.update(hugepage_environment(dict(os.environ)) or {})
     results = {"machine": machine_info(),
                "settings": {"steps": args.steps, "warmup": args.warmup, "tiny": args.tiny, "pooling": args.pooling,
                             "cases": args.cases, "torch_compile": args.torch_compile, "rounds": args.rounds,
-                            "torch_threads": len(os.sched_getaffinity(0))},
+                            "torch_threads": len(os.sched_getaffinity(0)), "dot_backend": args.dot_backend},
                "cases": {}}
     if args.cases:
         peaks = [run_worker({"kind": "peak", "n": 2048}, args.timeout)]

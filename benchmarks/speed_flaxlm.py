@@ -71,16 +71,17 @@ class Bench:
     """One case's train step, ready to time: `step()` runs one synchronised step; `last_loss()` its loss.
 
     `model` replaces the freshly initialised model (the parity test passes one holding torch's weights).
+    `dot_backend` is make_train_step's (the library of XLA:CPU's matmuls).
     `lower()` gives the step lowered for this state and batch (jax.stages.Lowered), for compile-time studies.
     """
 
-    def __init__(self, size, seed: int = 0, model: nnx.Module | None = None):
+    def __init__(self, size, seed: int = 0, model: nnx.Module | None = None, dot_backend: str = "xla"):
         model = make_model(size, seed) if model is None else model
         mesh = make_mesh(MeshConfig())
         self.num_params = num_params(model)
         self.state = shard_state(TrainState.create(model, make_optimizer(optimizer_config()), seed + 1), mesh)
         self.batch = shard_batch(numpy_batch(size), mesh)
-        self.train_step = make_train_step(loss_fn(size), mesh=mesh)
+        self.train_step = make_train_step(loss_fn(size), mesh=mesh, dot_backend=dot_backend)
         self.metrics = None
 
     def step(self) -> None:

@@ -72,6 +72,9 @@ class TrainConfig:
 
     `init_from` is the workdir of another run (e.g. masked-LM pretraining) whose latest checkpoint gives the
     initial parameters of the parts the task knows how to transfer (params only; optimizer state is fresh).
+    `dot_backend` picks the library that runs the matmuls of the steps compiled for XLA:CPU ('xla': XLA's
+    default; 'eigen'; 'onednn'); see `flaxlm.train.dot_backend`. It changes speed, not results beyond
+    float32 rounding.
 
     Faults (see `flaxlm.trainer`):
     - `nonfinite`: a NaN/Inf loss or gradient. 'skip' leaves parameters and optimizer state unchanged and
@@ -97,6 +100,7 @@ class TrainConfig:
     spike_factor: float | None = 3.0
     grad_accum_steps: int = 1
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    dot_backend: Literal["xla", "eigen", "onednn"] = "xla"
     progress: bool = True
     init_from: str | None = None
 

@@ -82,9 +82,9 @@ def build_run(cfg: ExperimentConfig, tokenizer=None) -> Run:
     state = shard_state(TrainState.create(model, make_optimizer(cfg.optim), cfg.train.seed + 1), mesh)
     dtype = COMPUTE_DTYPES[cfg.train.compute_dtype]
     train_step = make_train_step(task.loss_fn, mesh=mesh, grad_accum_steps=cfg.train.grad_accum_steps,
-                                 compute_dtype=dtype,
+                                 compute_dtype=dtype, dot_backend=cfg.train.dot_backend,
                                  nonfinite="skip" if cfg.train.nonfinite == "stop" else cfg.train.nonfinite)
-    eval_step = make_eval_step(task.loss_fn, mesh=mesh, compute_dtype=dtype)
+    eval_step = make_eval_step(task.loss_fn, mesh=mesh, compute_dtype=dtype, dot_backend=cfg.train.dot_backend)
     return Run(cfg, task, mesh, state, train_step, eval_step)
 
 

@@ -130,3 +130,17 @@ def test_rounds_give_the_median_run_and_the_median_paired_ratio():
     assert out["ratios_flaxlm_torch"] == [2.0, 1.0]
     assert out["ratio_flaxlm_torch"] == 1.5
     assert "ratio_flaxlm_torch_compile" not in out
+
+
+def test_dot_backend_pairs_are_parsed_and_bad_ones_named(capsys):
+    parser = speed.argparse.ArgumentParser()
+    assert speed._dot_backends(parser, ["gpt_large=eigen", "gpt_cpu=onednn"]) == {"gpt_large": "eigen",
+                                                                                 "gpt_cpu": "onednn"}
+    with pytest.raises(SystemExit):
+        speed._dot_backends(parser, ["gpt_large=mkl"])
+    assert "--dot-backend 'gpt_large=mkl': expected CASE=NAME" in capsys.readouterr().err
+
+
+def test_the_bench_builds_its_step_with_the_chosen_dot_backend():
+    bench = speed_flaxlm.Bench(speed_cases.case_size("gpt_cpu", tiny=True), dot_backend="onednn")
+    assert "__onednn_fusion" in bench.lower().compile().as_text()

@@ -93,3 +93,16 @@ def test_last_eval_is_the_latest_row_with_eval_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
         '{"step": 2, "train/loss": 2.0, "eval/loss": 1.9, "eval/accuracy": 0.5}\n{"step": 3, "train/loss": 1.0}\n')
     assert _last_eval(tmp_path / "metrics.jsonl") == {"eval/loss": 1.9, "eval/accuracy": 0.5}
+
+
+def test_the_configs_dot_backend_reaches_both_compiled_steps(tmp_path):
+    from flaxlm.experiment import load_experiment
+    from flaxlm.train.sharding import shard_batch
+    from flaxlm.trainer import build_run
+
+    config = sentiment_config(tmp_path, "{steps: 2, dot_backend: eigen, progress: false}")
+    run = build_run(load_experiment(config))
+    batch = shard_batch(next(run.task.train_iterator()), run.mesh)
+    for text in (run.train_step.lower(run.state, batch).compile().as_text(),
+                 run.eval_step.lower(run.state.model, batch).compile().as_text()):
+        assert " dot(" in text and "__ynn_fusion" not in text

@@ -44,6 +44,7 @@ Gradient accumulation (`grad_accum_steps=k`): row i of the batch goes to micro-b
 each device keeps its rows), the k micro-batches run in a `lax.scan` and their sums are added.
 Mixed precision (`compute_dtype=jnp.bfloat16`): float parameters are cast for the forward/backward pass
 while the float32 master copy is what the optimizer updates; losses stay float32.
+Matmul library on XLA:CPU (`dot_backend='xla'|'eigen'|'onednn'`): see `flaxlm.train.dot_backend`.
 """
 
 import functools
@@ -56,6 +57,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxlm.ops.losses import path_names
+from flaxlm.train.dot_backend import check_dot_backend, compiler_options
 from flaxlm.train.sharding import DEFAULT_RULES, Rules, batch_axes, batch_sharding, state_shardings
 from flaxlm.train.state import TrainState
 
@@ -206,8 +208,10 @@ class _JitOverLeaves:
     With `with_state_out`, fn returns (tree of the same structure, metrics), else metrics.
     """
 
-    def __init__(self, fn, *, donate: bool, with_state_out: bool, shardings: Callable | None = None):
+    def __init__(self, fn, *, donate: bool, with_state_out: bool, shardings: Callable | None = None,
+                 options: dict | None = None):
         self._fn = fn
+        self._options = options
         self._donate = (0,) if donate else ()
         self._with_state_out = with_state_out
         self._shardings = shardings
@@ -226,13 +230,13 @@ class _JitOverLeaves:
             return state_leaves, metrics
 
         if self._shardings is None:
-            return jax.jit(over_leaves, donate_argnums=self._donate), out_treedefs
+            return jax.jit(over_leaves, donate_argnums=self._donate, compiler_options=self._options), out_treedefs
         tree_sharding, batch_sharding_, metrics_sharding = self._shardings(tree)
         if not isinstance(tree_sharding, jax.sharding.Sharding):
             tree_sharding = treedef.flatten_up_to(tree_sharding)
         out_shardings = (tree_sharding, metrics_sharding) if self._with_state_out else metrics_sharding
         jitted = jax.jit(over_leaves, in_shardings=(tree_sharding, batch_sharding_), out_shardings=out_shardings,
-                         donate_argnums=self._donate)
+                         donate_argnums=self._donate, compiler_options=self._options)
         return jitted, out_treedefs
 
     def _get(self, tree):
@@ -263,18 +267,19 @@ def _validate_axis_name(axis_name, mesh: Mesh | None):
             raise ValueError(f"axis_name {axis!r} is not a mesh axis {mesh.axis_names}")
 
 
-def _compile(body, *, mesh, rules, axis_name, donate, with_state_out: bool):
+def _compile(body, *, mesh, rules, axis_name, donate, with_state_out: bool, dot_backend: str):
     """jit `body(tree, batch)`: plain, sharded per structure, or shard_map'd over `axis_name`."""
+    options = compiler_options(dot_backend, None if mesh is None else mesh.devices.flat)
     if mesh is None:
-        return _JitOverLeaves(body, donate=donate, with_state_out=with_state_out)
+        return _JitOverLeaves(body, donate=donate, with_state_out=with_state_out, options=options)
     replicated = NamedSharding(mesh, PartitionSpec())
     if axis_name is not None:
         batch_spec = PartitionSpec(axis_name)
         out_specs = (PartitionSpec(), PartitionSpec()) if with_state_out else PartitionSpec()
         mapped = jax.shard_map(body, mesh=mesh, in_specs=(PartitionSpec(), batch_spec), out_specs=out_specs)
-        return _JitOverLeaves(mapped, donate=donate, with_state_out=with_state_out,
+        return _JitOverLeaves(mapped, donate=donate, with_state_out=with_state_out, options=options,
                               shardings=lambda tree: (replicated, NamedSharding(mesh, batch_spec), replicated))
-    return _JitOverLeaves(body, donate=donate, with_state_out=with_state_out,
+    return _JitOverLeaves(body, donate=donate, with_state_out=with_state_out, options=options,
                           shardings=lambda tree: (state_shardings(tree, mesh, rules), batch_sharding(mesh, rules),
                                                   replicated))
 
@@ -289,6 +294,7 @@ def make_train_step(
     nonfinite: str = "skip",
     axis_name: str | tuple[str, ...] | None = None,
     donate: bool = True,
+    dot_backend: str = "xla",
 ) -> Callable[[TrainState, object], tuple[TrainState, dict[str, jax.Array]]]:
     """Build `train_step(state, batch) -> (state, metrics)`; see the module docstring for the contract.
 
@@ -303,12 +309,14 @@ def make_train_step(
     if nonfinite == "raise" and axis_name is not None and mesh is None:
         raise ValueError("nonfinite='raise' checks metrics on the host; it needs mesh= when axis_name is set")
     _validate_axis_name(axis_name, mesh)
+    check_dot_backend(dot_backend)
     micro_sharding = None
     if mesh is not None and axis_name is None and grad_accum_steps > 1:
         axes = batch_axes(rules, mesh)
         micro_sharding = NamedSharding(mesh, PartitionSpec(None, axes[0] if len(axes) == 1 else axes))
     body = _train_body(loss_fn, grad_accum_steps, compute_dtype, nonfinite, axis_name, micro_sharding)
-    step = _compile(body, mesh=mesh, rules=rules, axis_name=axis_name, donate=donate, with_state_out=True)
+    step = _compile(body, mesh=mesh, rules=rules, axis_name=axis_name, donate=donate, with_state_out=True,
+                    dot_backend=dot_backend)
     if nonfinite != "raise":
         return step
 
@@ -333,6 +341,7 @@ def make_eval_step(
     rules: Rules = DEFAULT_RULES,
     compute_dtype=None,
     axis_name: str | tuple[str, ...] | None = None,
+    dot_backend: str = "xla",
 ) -> Callable[[nnx.Module, object], dict[str, jax.Array]]:
     """Build `eval_step(model, batch) -> metrics`, calling `loss_fn(model, batch, None)` (no dropout).
 
@@ -340,6 +349,7 @@ def make_eval_step(
     `tokens` and `correct` that add up exactly over an evaluation set: loss = sum(loss_sum) / sum(tokens).
     """
     _validate_axis_name(axis_name, mesh)
+    check_dot_backend(dot_backend)
 
     def eval_step(model, batch):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -353,4 +363,5 @@ def make_eval_step(
             metrics["correct"] = sums["correct"]
         return metrics
 
-    return _compile(eval_step, mesh=mesh, rules=rules, axis_name=axis_name, donate=False, with_state_out=False)
+    return _compile(eval_step, mesh=mesh, rules=rules, axis_name=axis_name, donate=False, with_state_out=False,
+                    dot_backend=dot_backend)
