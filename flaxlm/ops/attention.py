@@ -85,7 +85,7 @@ def dot_product_attention(
 
     with jax.named_scope("attention"):  # profiles (benchmarks/profile_step.py) attribute time by this scope
         out, weights = _xla_attention(q, k, v, mask, bias, is_causal, dropout_rate if use_dropout else 0.0,
-                                      dropout_key)
+                                      dropout_key, return_weights)
     if return_weights:
         return out, weights
     return out
@@ -127,14 +127,15 @@ def _rows(x: jax.Array | None, start: int, stop: int, keys: int) -> jax.Array | 
     return x[:, :, rows, cols]
 
 
-def _xla_attention(q, k, v, mask, bias, is_causal, dropout_rate, dropout_key):
+def _xla_attention(q, k, v, mask, bias, is_causal, dropout_rate, dropout_key, return_weights):
     """Explicit path, head-major: q as [B, K, G, T, D] and k/v as [B, K, S, D] (grouped heads stay as [K, G] so
     k/v are never repeated in memory), transposed once so that every block's products have their batch axes first.
 
     Causal attention runs in blocks of QUERY_BLOCK query rows, each against only the keys it may see (block i:
     keys up to its last row), so a long causal sequence computes about half of the [T, S] logits and each block's
     logits stay in cache. Dropout draws one mask per block (fold_in of the key with the block's first row) when
-    there is more than one block. Returns (out [B, T, H, Dv], weights [B, H, T, S]).
+    there is more than one block. Returns (out [B, T, H, Dv], weights [B, H, T, S] or None unless
+    `return_weights`: the blocks' weights are only padded to S and joined when asked for).
     """
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -164,9 +165,12 @@ def _xla_attention(q, k, v, mask, bias, is_causal, dropout_rate, dropout_key):
         weights = dropout(weights, dropout_rate, key)
         wg = weights.astype(v.dtype).reshape(batch, kv_heads, groups, stop - start, keys)
         outs.append(jnp.einsum("bkgts,bksd->bkgtd", wg, vh[:, :, :keys], preferred_element_type=jnp.float32))
-        all_weights.append(jnp.pad(weights, ((0, 0), (0, 0), (0, 0), (0, kv_len - keys))))
+        if return_weights:
+            all_weights.append(jnp.pad(weights, ((0, 0), (0, 0), (0, 0), (0, kv_len - keys))))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     out = out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, v.shape[-1]).astype(q.dtype)
+    if not return_weights:
+        return out, None
     weights = all_weights[0] if len(all_weights) == 1 else jnp.concatenate(all_weights, axis=2)
     return out, weights.astype(q.dtype)
 

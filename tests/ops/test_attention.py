@@ -83,6 +83,21 @@ def test_gradients_match_torch(name):
         np.testing.assert_allclose(g, leaf.grad.numpy(), atol=1e-4, rtol=0)
 
 
+def test_weights_are_built_only_when_asked_for():
+    """Over several causal query blocks, the padded and joined [B, H, T, S] weights exist only with return_weights."""
+    t = 2 * QUERY_BLOCK + 5
+    q, k, v = _qkv(3, t=t, s=t, h=2, kv_heads=2)
+
+    def program(return_weights) -> str:
+        return str(jax.make_jaxpr(lambda q, k, v: dot_product_attention(q, k, v, is_causal=True,
+                                                                         return_weights=return_weights))(q, k, v))
+
+    assert "pad[" in program(True) and "pad[" not in program(False)
+    assert program(True).count("concatenate[") == 2 and program(False).count("concatenate[") == 1  # outputs
+    out = dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_array_equal(out, dot_product_attention(q, k, v, is_causal=True, return_weights=True)[0])
+
+
 @pytest.mark.parametrize("s_extra", [0, 7, -40])
 def test_causal_query_blocks_match_torch(s_extra):
     """T spans several query blocks (the last one partial); keys S = T + s_extra; GQA, key padding, bias, grads."""
