@@ -3,13 +3,16 @@
     python benchmarks/layers.py [--repeats 20] [--out benchmarks/results/layers.json]
 
 Each row times one jitted (JAX) or eager (PyTorch) forward pass plus the gradient of the summed output
-with respect to the input and all parameters, in float32 on this machine's CPU, side by side in one
-process, and prints the median per call and the ratio flaxlm / PyTorch (< 1 means flaxlm is faster).
+with respect to the input and all parameters, in float32 on this machine's CPU, in one process, the two
+frameworks' calls alternating (one of each per repetition, so the host's drift hits both alike), and prints
+each one's median per call and the median over repetitions of the ratio flaxlm / PyTorch within a repetition
+(< 1 means flaxlm is faster).
 """
 
 import argparse
 import json
 import pathlib
+import statistics
 import sys
 
 import jax
@@ -19,7 +22,7 @@ import torch
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from timing import median_seconds  # noqa: E402
+from timing import alternating_seconds, paired_ratio  # noqa: E402
 
 from flaxlm.nn.recurrent import RNN  # noqa: E402
 from flaxlm.nn.transformer import TransformerEncoderLayer  # noqa: E402
@@ -110,10 +113,11 @@ def main():
     print(f"| layer (forward+backward, float32, {jax.default_backend()}) | flaxlm ms | PyTorch ms | ratio |")
     print("|---|---|---|---|")
     for name, jax_fn, torch_fn in cases():
-        jax_s = median_seconds(jax_fn, repeats=args.repeats)
-        torch_s = median_seconds(torch_fn, repeats=args.repeats)
-        rows.append({"layer": name, "flaxlm_s": jax_s, "torch_s": torch_s, "ratio": jax_s / torch_s})
-        print(f"| {name} | {jax_s * 1e3:.1f} | {torch_s * 1e3:.1f} | {jax_s / torch_s:.2f} |", flush=True)
+        times = alternating_seconds({"flaxlm": jax_fn, "torch": torch_fn}, args.repeats)
+        jax_s, torch_s = statistics.median(times["flaxlm"]), statistics.median(times["torch"])
+        ratio = paired_ratio(times["flaxlm"], times["torch"])
+        rows.append({"layer": name, "flaxlm_s": jax_s, "torch_s": torch_s, "ratio": ratio})
+        print(f"| {name} | {jax_s * 1e3:.1f} | {torch_s * 1e3:.1f} | {ratio:.2f} |", flush=True)
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -14,13 +14,6 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def median_seconds(fn, *, warmup: int = 3, repeats: int = 20) -> float:
-    """Call `fn()` `warmup` times, then `repeats` times; return the median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    return statistics.median(seconds(fn) for _ in range(repeats))
-
-
 def alternating_seconds(runs: dict, repeats: int) -> dict[str, list[float]]:
     """Seconds of each named callable, called in turn once per repetition after one untimed call each, so that
     the host's drift hits all of them alike: {name: [seconds per repetition]}."""

@@ -16,11 +16,5 @@ def test_alternating_seconds_calls_each_once_untimed_then_in_turn():
     assert all(len(t) == 3 and all(s >= 0.0 for s in t) for t in times.values())
 
 
-def test_median_seconds_warms_up_then_repeats():
-    calls = []
-    assert timing.median_seconds(lambda: calls.append(1), warmup=2, repeats=5) >= 0.0
-    assert len(calls) == 7
-
-
 def test_paired_ratio_is_the_median_of_per_repetition_ratios():
     assert timing.paired_ratio([2.0, 9.0, 3.0], [1.0, 3.0, 1.0]) == 3.0
