@@ -57,4 +57,5 @@ def bench(cfg: ExperimentConfig, steps: int = 20) -> dict[str, float]:
         "mfu": flops / median / peak,
         "devices": jax.device_count(),
         "backend": jax.default_backend(),
+        "dot_backend": cfg.train.dot_backend,
     }

@@ -194,10 +194,11 @@ def test_sample_reads_the_chosen_checkpoint(trained, capsys):
 
 def test_bench_prints_one_json_object(files, capsys):
     _, config = files
-    assert cli.main(["bench", str(config), "--steps", "3"]) == 0
+    assert cli.main(["bench", str(config), "--steps", "3", "train.dot_backend=eigen"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     result = json.loads(out[0])
+    assert result["dot_backend"] == "eigen" and result["backend"] == "cpu"
     for key in ("compile_time_s", "median_step_time_s", "tokens_per_s", "model_flops_per_step", "peak_flops", "mfu"):
         assert math.isfinite(result[key]) and result[key] > 0, (key, result)
     assert result["tokens_per_s"] == pytest.approx(4 * 16 / result["median_step_time_s"])
