@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from flaxlm.train.dot_backend import compiler_options
 from flaxlm.train.state import TrainState
 from flaxlm.train.step import make_train_step
 
@@ -66,13 +67,14 @@ def make_ablation_step(loss_fn, *, shared_batch: bool = True, donate: bool = Tru
     """`step(states, batch) -> (states, metrics)` training every run of a stacked TrainState at once.
 
     With `shared_batch` all runs see the same batch; otherwise the batch has a leading axis N too.
-    `step_options` go to `make_train_step` (grad_accum_steps, compute_dtype, nonfinite='skip'|'ignore');
-    metrics gain a leading axis N.
+    `step_options` go to `make_train_step` (grad_accum_steps, compute_dtype, nonfinite='skip'|'ignore'), except
+    `dot_backend`, which goes to the jit of the vmapped step; metrics gain a leading axis N.
     """
     if step_options.get("nonfinite") == "raise":
         raise ValueError("make_ablation_step: nonfinite='raise' is per run on the host; use 'skip' and read metrics")
     if "mesh" in step_options or "axis_name" in step_options:
         raise ValueError("make_ablation_step runs on one device; mesh and axis_name are not supported")
+    options = compiler_options(step_options.pop("dot_backend", "xla"))
     train_step = make_train_step(loss_fn, donate=False, **step_options)
     vmapped = jax.vmap(train_step, in_axes=(0, None if shared_batch else 0))
-    return jax.jit(vmapped, donate_argnums=(0,) if donate else ())
+    return jax.jit(vmapped, donate_argnums=(0,) if donate else (), compiler_options=options)

@@ -12,6 +12,8 @@ EPYC the larger GPT's train step ran 10-14% faster with Eigen and 9-10% with one
 the same within the host's noise, and the LSTM steps 7-19% slower with either.
 On other platforms (GPU, TPU) the option does nothing. JAX cannot store 'onednn' programs in its
 persistent compilation cache (it warns when one is configured), so they compile anew in every process.
+JAX takes compile options only at the top-level jit: code that calls a step inside its own `jax.jit` gives
+`compiler_options(name)` to that jit (as `make_ablation_step` does) and builds the step with 'xla'.
 """
 
 from collections.abc import Sequence

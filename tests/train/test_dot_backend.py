@@ -3,11 +3,21 @@
 import typing
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from flaxlm.experiment import TrainConfig
-from flaxlm.train import OptimizerConfig, TrainState, make_eval_step, make_mesh, make_optimizer, make_train_step
+from flaxlm.train import (
+    OptimizerConfig,
+    TrainState,
+    create_ablation,
+    make_ablation_step,
+    make_eval_step,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+)
 from flaxlm.train.dot_backend import DOT_BACKENDS, compiler_options
 from tiny_lm import lm_loss, make_batch, make_model
 
@@ -83,3 +93,15 @@ def test_a_bad_config_value_names_the_key():
 
     with pytest.raises(ConfigError, match=r"train\.dot_backend: expected one of 'xla', 'eigen', 'onednn'"):
         from_dict(ExperimentConfig, {"train": {"dot_backend": "mkl"}})
+
+
+def test_ablation_steps_take_the_option_too():
+    """make_ablation_step jits the vmapped step itself: the option must reach that outer compilation."""
+    keys = jax.random.split(jax.random.key(0), 2)
+    states = create_ablation(make_model, make_optimizer(OptimizerConfig(name="adamw", learning_rate=1.0)), keys,
+                             learning_rate=jnp.array([1e-3, 1e-2]))
+    for name in ("xla", "onednn"):
+        text = make_ablation_step(lm_loss, dot_backend=name).lower(states, make_batch(0)).compile().as_text()
+        assert ("__onednn_fusion" in text) == (name == "onednn"), name
+    with pytest.raises(ValueError, match="dot_backend must be one of"):
+        make_ablation_step(lm_loss, dot_backend="mkl")
