@@ -259,6 +259,14 @@ class _JitOverLeaves:
         return jitted.lower(leaves, batch)
 
 
+def _validate_dot_backend(dot_backend: str, axis_name, mesh: Mesh | None):
+    check_dot_backend(dot_backend)
+    if dot_backend != "xla" and axis_name is not None and mesh is None:
+        raise ValueError(f"dot_backend={dot_backend!r} is a compile option of the top-level jit; with axis_name and no "
+                         "mesh the step runs inside the caller's pmap/shard_map: pass mesh=, or give "
+                         "flaxlm.train.dot_backend.compiler_options() to the caller's own jit")
+
+
 def _validate_axis_name(axis_name, mesh: Mesh | None):
     if axis_name is None or mesh is None:
         return
@@ -311,7 +319,7 @@ def make_train_step(
     if nonfinite == "raise" and axis_name is not None and mesh is None:
         raise ValueError("nonfinite='raise' checks metrics on the host; it needs mesh= when axis_name is set")
     _validate_axis_name(axis_name, mesh)
-    check_dot_backend(dot_backend)
+    _validate_dot_backend(dot_backend, axis_name, mesh)
     micro_sharding = None
     if mesh is not None and axis_name is None and grad_accum_steps > 1:
         axes = batch_axes(rules, mesh)
@@ -351,7 +359,7 @@ def make_eval_step(
     `tokens` and `correct` that add up exactly over an evaluation set: loss = sum(loss_sum) / sum(tokens).
     """
     _validate_axis_name(axis_name, mesh)
-    check_dot_backend(dot_backend)
+    _validate_dot_backend(dot_backend, axis_name, mesh)
 
     def eval_step(model, batch):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)

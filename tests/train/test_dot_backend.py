@@ -81,6 +81,13 @@ def test_unknown_library_is_a_clear_error():
         make_eval_step(lm_loss, dot_backend="MKL")
 
 
+def test_a_step_meant_for_the_callers_pmap_refuses_the_option():
+    with pytest.raises(ValueError, match="compile option of the top-level jit; with axis_name and no mesh"):
+        make_train_step(lm_loss, axis_name="data", dot_backend="eigen")
+    with pytest.raises(ValueError, match="pass mesh="):
+        make_eval_step(lm_loss, axis_name="data", dot_backend="onednn")
+
+
 def test_the_config_offers_exactly_these_libraries():
     hints = typing.get_type_hints(TrainConfig)
     assert typing.get_args(hints["dot_backend"]) == DOT_BACKENDS
