@@ -309,8 +309,9 @@ def make_train_step(
     The input state is donated (its buffers are reused for the output) unless `donate=False`: do not use
     a state after passing it in. A step built with a `dot_backend` other than 'xla' must be called at the top
     level, not inside the caller's own `jax.jit` (JAX takes compile options only there): give
-    `flaxlm.train.dot_backend.compiler_options(name)` to that outer jit instead, as `make_ablation_step` does. `nonfinite='raise'` needs the result on the host, so it cannot be used
-    with `axis_name` and no mesh (inside the caller's pmap/shard_map).
+    `flaxlm.train.dot_backend.compiler_options(name)` to that outer jit instead, as `make_ablation_step` does.
+    `nonfinite='raise'` needs the result on the host, so it cannot be used with `axis_name` and no mesh (inside
+    the caller's pmap/shard_map).
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
