@@ -134,7 +134,7 @@ def _case_worker(job: dict) -> dict:
     if job["framework"] == "flaxlm":
         import speed_flaxlm
 
-        bench = speed_flaxlm.Bench(size, dot_backend=job.get("dot_backend", "xla"))
+        bench = speed_flaxlm.Bench(size, dot_backend=job["dot_backend"])
         threads = _flaxlm_threads()
     else:
         import torch

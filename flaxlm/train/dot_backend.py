@@ -28,11 +28,10 @@ CPU_OPTIONS = {
 DOT_BACKENDS = ("xla", *CPU_OPTIONS)
 
 
-def check_dot_backend(name: str) -> str:
-    """`name` if it is one of DOT_BACKENDS, else a ValueError listing them."""
+def check_dot_backend(name: str) -> None:
+    """A ValueError listing DOT_BACKENDS unless `name` is one of them."""
     if name not in DOT_BACKENDS:
         raise ValueError(f"dot_backend must be one of {DOT_BACKENDS}, got {name!r}")
-    return name
 
 
 def compiler_options(name: str, devices: Sequence[jax.Device] | None = None) -> dict | None:
