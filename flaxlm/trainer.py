@@ -277,7 +277,7 @@ def _train_loop(run: Run, state: TrainState, data, checkpointer: Checkpointer, l
             pending.append(metrics)
             window_steps += 1
             bad_step = tc.nonfinite == "stop" and bool(jax.device_get(metrics["nonfinite"]))
-            stopping = bool(stop) or bad_step
+            stopping = bool(stop) or bad_step  # read once: a signal arriving later in this step stops the next one
             final = step == tc.steps or stopping
             if step % tc.log_every == 0 or step % tc.eval_every == 0 or final:  # an evaluation gets its row
                 fetched = jax.device_get(pending)
@@ -330,7 +330,7 @@ def _train_loop(run: Run, state: TrainState, data, checkpointer: Checkpointer, l
                     f"step {step}: non-finite loss or gradient (loss={float(m['loss'])}, "
                     f"grad_norm={float(m['grad_norm'])}); train.nonfinite='stop': the update was not applied and "
                     f"this last good state is saved as checkpoint {step} in {checkpointer.directory}")
-            if stop:
+            if stopping:
                 _finish_checkpoints(checkpointer, writes, step)
                 tqdm.write(f"{stop[0]} received: saved a checkpoint at step {step}; rerun to resume")
                 break

@@ -106,3 +106,24 @@ def test_the_configs_dot_backend_reaches_both_compiled_steps(tmp_path):
     for text in (run.train_step.lower(run.state, batch).compile().as_text(),
                  run.eval_step.lower(run.state.model, batch).compile().as_text()):
         assert " dot(" in text and "__ynn_fusion" not in text
+
+
+def test_a_stop_signal_during_a_steps_logging_stops_after_the_next_step_with_its_checkpoint(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """A SIGTERM arriving after a step's stop check (here while its metrics row is written) is acted on at the next
+    step, which is checkpointed; it used to end the run at once with an error that no checkpoint matched its step."""
+    write_row = MetricsLog.write_row
+
+    def write_row_then_terminate(log, step, values):
+        write_row(log, step, values)
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsLog, "write_row", write_row_then_terminate)
+    config = sentiment_config(tmp_path, "{steps: 30, log_every: 10, eval_every: 30, checkpoint_every: 30, "
+                                        "progress: false}")
+    workdir = tmp_path / "run"
+    assert cli.main(["train", str(config), "--workdir", str(workdir)]) == 0
+    assert "SIGTERM received: saved a checkpoint at step 11" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(workdir / "metrics.jsonl")] == [10, 11]
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [11]
