@@ -211,9 +211,13 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     elif tp is np.dtype:
         if isinstance(value, str):
             try:
-                return np.dtype(_DTYPE_NAMES.get(value, value))
-            except TypeError:
-                raise ConfigError(f"unknown dtype {value!r} (e.g. float32, bfloat16)", key=path) from None
+                dtype = np.dtype(_DTYPE_NAMES.get(value, value))
+            except (TypeError, ValueError, SyntaxError):  # numpy parses '0:' or '01' as a format string
+                dtype = None
+            if dtype is None or not (dtype.kind == "f" or dtype.type in _DTYPE_NAMES.values()):
+                raise ConfigError(f"unknown dtype {value!r}: expected a floating dtype (e.g. float32, bfloat16)",
+                                  key=path)
+            return dtype
         if isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
             return np.dtype(value)
     else:

@@ -274,3 +274,17 @@ def test_dtype_fields_load_from_names_and_save_as_names():
     assert to_dict(WithDtype()) == {"dtype": "float32"}
     with pytest.raises(ConfigError, match="dtype: unknown dtype 'float99'"):
         from_dict(WithDtype, {"dtype": "float99"})
+
+
+@pytest.mark.parametrize("value", ["0:", "01", "0B", "int32", "S4"])
+def test_dtype_fields_refuse_what_is_not_a_floating_dtype(value):
+    """Strings numpy reads as format strings (found by test_fuzz_model_configs) or as non-float types are config
+    errors naming the key, not numpy's ValueError/SyntaxError or a dtype that does not round-trip."""
+    import jax.numpy as jnp
+
+    @dataclasses.dataclass(frozen=True)
+    class WithDtype:
+        dtype: jnp.dtype = jnp.float32
+
+    with pytest.raises(ConfigError, match=r"dtype: unknown dtype .*expected a floating dtype"):
+        from_dict(WithDtype, {"dtype": value})
