@@ -219,7 +219,8 @@ yaml_values = st.recursive(
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=10,
 )
-config_keys = st.sampled_from(["name", "model", "data", "lr", "tags", "rules", "seed", "n_layer", "buckets"]) | st.text(max_size=6)
+config_keys = (st.sampled_from(["name", "model", "data", "lr", "tags", "rules", "seed", "n_layer", "buckets"])
+               | st.text(max_size=6))
 fuzz = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -234,7 +235,8 @@ def test_fuzz_from_dict_only_raises_config_errors(data):
 
 
 @fuzz
-@given(st.lists(st.text(max_size=20) | st.from_regex(r"(model|data|lr|rules)(\.[a-z_]{1,8}){0,2}=.{0,10}", fullmatch=True), max_size=4))
+@given(st.lists(st.text(max_size=20) | st.from_regex(r"(model|data|lr|rules)(\.[a-z_]{1,8}){0,2}=.{0,10}",
+                                                     fullmatch=True), max_size=4))
 def test_fuzz_overrides_only_raise_config_errors(overrides):
     try:
         from_dict(Experiment, apply_overrides({"name": "x"}, overrides, Experiment))

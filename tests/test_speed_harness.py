@@ -98,8 +98,8 @@ def test_one_step_gives_the_same_losses(name, size):
 
 
 def test_gpt_flops_formula():
-    """gpt_cpu, as flaxlm.tasks.lm: (6 N + 12 L C T) B T with N = 12 L C^2 + C V: about 4.0 GFLOP (6 x 0.79M x 768 = 3.6 GFLOP
-    for the blocks, plus attention and the tied head)."""
+    """gpt_cpu, as flaxlm.tasks.lm: (6 N + 12 L C T) B T with N = 12 L C^2 + C V: about 4.0 GFLOP
+    (6 x 0.79M x 768 = 3.6 GFLOP for the blocks, plus attention and the tied head)."""
     size = speed_cases.case_size("gpt_cpu")
     n = 12 * 4 * 128**2 + 128 * 65
     assert speed_cases.model_flops_per_step(size) == (6 * n + 12 * 4 * 128 * 64) * 12 * 64

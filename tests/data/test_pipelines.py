@@ -169,11 +169,13 @@ def test_packed_lm_resume_and_hosts():
 
     assert_resumes_exactly(make, skip=7, take=5)
     one_epoch = {
-        host: [s for b in packed_lm(DOCS, seq_len=6, batch_size=4, seed=2, bos_id=998, process_index=host, process_count=2)
+        host: [s for b in packed_lm(DOCS, seq_len=6, batch_size=4, seed=2, bos_id=998, process_index=host,
+                                    process_count=2)
                for s in unpack(b)]
         for host in range(2)
     }
-    everything = [s for b in packed_lm(DOCS, seq_len=6, batch_size=4, seed=2, bos_id=998, **ONE_HOST) for s in unpack(b)]
+    everything = [s for b in packed_lm(DOCS, seq_len=6, batch_size=4, seed=2, bos_id=998, **ONE_HOST)
+                  for s in unpack(b)]
     assert sorted(one_epoch[0] + one_epoch[1]) == sorted(everything)
     assert abs(len(one_epoch[0]) - len(one_epoch[1])) <= 1
 
@@ -330,7 +332,8 @@ def test_fuzz_bucketing(lengths, boundaries, per_host, process_count, batch_size
         for host in range(process_count):
             it = bucketed_batches(
                 examples(lengths), bucket_boundaries=boundaries, batch_size=batch_size, pad_id=0, seed=0,
-                drop_remainder=drop_remainder, process_index=host, process_count=process_count, read_options=grain.ReadOptions(num_threads=0),
+                drop_remainder=drop_remainder, process_index=host, process_count=process_count,
+                read_options=grain.ReadOptions(num_threads=0),
             )
             for batch in it:
                 assert batch["ids"].shape[1] in boundaries

@@ -68,7 +68,8 @@ def test_tsv_accepts_either_header_name(tmp_path):
     "content, kwargs, message",
     [
         ("label\tsentence\n0\tfine\n1 missing tab\n", {}, ":3: no tab in line: expected label<TAB>text"),
-        ("label\tsentence\n0\tfine\n2\tthree\n", {"label_set": ["0", "1"]}, ":3: label '2' is not in the label set ['0', '1']"),
+        ("label\tsentence\n0\tfine\n2\tthree\n", {"label_set": ["0", "1"]},
+         ":3: label '2' is not in the label set ['0', '1']"),
         ("label\tsentence\npos\tx\n", {}, ":2: label 'pos' is not a non-negative integer"),
         ("label\tsentence\n0\ta\tb\n", {}, ":2: expected 2 tab-separated columns, found 3"),
         ("label\tsentence\n0\t  \n", {}, ":2: empty text"),
@@ -141,7 +142,8 @@ def test_shared_multi30k(shared_data):
 
 fuzz = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 tsv_like = st.lists(
-    st.sampled_from([b"label\tsentence\n", b"0\tgood\n", b"1\tbad film\n", b"\t", b"\n", b"2", b"\xff", b"\r\n", b"a\tb\tc"]),
+    st.sampled_from([b"label\tsentence\n", b"0\tgood\n", b"1\tbad film\n", b"\t", b"\n", b"2", b"\xff", b"\r\n",
+                     b"a\tb\tc"]),
     max_size=12,
 ).map(b"".join)
 

@@ -37,7 +37,8 @@ def test_char_vocabulary_is_sorted_characters_like_nanogpt():
 
 def test_char_unknown_policies():
     strict = CharTokenizer.train("abc")
-    with pytest.raises(DataError, match=r"character 'z' \(U\+007A\) at position 2 is not in the 3-character vocabulary"):
+    with pytest.raises(DataError,
+                       match=r"character 'z' \(U\+007A\) at position 2 is not in the 3-character vocabulary"):
         strict.encode("abz")
     skip = CharTokenizer.train("abc", unknown="skip")
     with pytest.warns(UserWarning, match="skipped 2 character"):
@@ -95,9 +96,11 @@ def test_bpe_specials_round_trip_and_merges():
         tok.encode("a\ud800b")
 
 
-@pytest.mark.parametrize("tok", [CharTokenizer.train("abc"), WordTokenizer.train(["a b"]), bpe()], ids=["char", "word", "bpe"])
+@pytest.mark.parametrize("tok", [CharTokenizer.train("abc"), WordTokenizer.train(["a b"]), bpe()],
+                         ids=["char", "word", "bpe"])
 def test_decode_rejects_out_of_range_ids(tok):
-    with pytest.raises(DataError, match=rf"token id {tok.vocab_size} at index 1 is outside the vocabulary \[0, {tok.vocab_size}\)"):
+    size = tok.vocab_size
+    with pytest.raises(DataError, match=rf"token id {size} at index 1 is outside the vocabulary \[0, {size}\)"):
         tok.decode([0, tok.vocab_size])
     with pytest.raises(DataError, match="token id -1 at index 0"):
         tok.decode([-1])
@@ -151,11 +154,13 @@ def test_train_tokenizer_dispatch():
         (b"\xff\xfe", "not valid UTF-8"),
         (b"[1, 2]", "expected a JSON object with a 'kind' field"),
         (b'{"kind": "morse", "version": 1}', "unknown tokenizer kind 'morse'"),
-        (b'{"kind": "char", "version": 99, "chars": ["a"], "unknown": "error"}', "unsupported tokenizer format version 99"),
+        (b'{"kind": "char", "version": 99, "chars": ["a"], "unknown": "error"}',
+         "unsupported tokenizer format version 99"),
         (b'{"kind": "char", "version": 1}', "corrupt char tokenizer: KeyError"),
         (b'{"kind": "char", "version": 1, "chars": ["ab"], "unknown": "error"}', "must be single characters"),
         (b'{"kind": "word", "version": 1, "words": ["a", "a"], "lowercase": false, "mask": false}', "duplicate"),
-        (b'{"kind": "bpe", "version": 1, "lowercase": false, "mask": false, "tokenizer": {"model": 3}}', "corrupt bpe tokenizer"),
+        (b'{"kind": "bpe", "version": 1, "lowercase": false, "mask": false, "tokenizer": {"model": 3}}',
+         "corrupt bpe tokenizer"),
     ],
 )
 def test_load_tokenizer_errors_name_the_file(tmp_path, content, fragment):
