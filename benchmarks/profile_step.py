@@ -18,6 +18,9 @@ flaxlm.ops.attention, 'recurrence' in flaxlm.ops.recurrent), else by kind:
 
 and the attention / recurrence scopes are split into their matmul and non-matmul parts. Times are thread
 time summed over the pool's threads (two threads can each spend 10 ms in the same 10 ms of wall time), per step.
+`wall_categories_ms` (JSON only) splits the step's execution wall time instead: each moment goes in equal parts
+to the thunks running then (two side by side get half each) and moments with none go to `idle`, so the parts add
+up to the execution time; benchmarks/profile_torch.py sets them beside PyTorch's op times.
 `both busy` is the share of the step's execution in which two or more threads ran thunks, `idle` the share in
 which none did (waiting, synchronisation); `dispatch` is the step's wall time outside XLA's execution (Python,
 argument handling, the host-device sync). A thunk's own worker tasks inside a library call (YNNPACK splitting
@@ -115,6 +118,23 @@ def _busy_shares(intervals_by_thread: dict, start: float, stop: float) -> tuple[
     return float((counts >= 2).mean()), float((counts == 0).mean())
 
 
+def _wall_attribution(timed: list[tuple[str, float, float]], start: float, stop: float) -> collections.Counter:
+    """Wall time (us) of [start, stop] per category: each 5 us grid cell is split evenly between the thunks
+    running in it, so two thunks side by side get half each, and cells with none go to 'idle'. timed holds
+    (category, start, end) of the thunks of that window."""
+    grid = np.arange(start, stop, 5.0)
+    spans = [(c, np.searchsorted(grid, s), np.searchsorted(grid, e)) for c, s, e in timed]
+    counts = np.zeros(len(grid), np.int32)
+    for _, a, b in spans:
+        counts[a:b] += 1
+    inverse = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
+    wall = collections.Counter()
+    for c, a, b in spans:
+        wall[c] += 5.0 * float(inverse[a:b].sum())
+    wall["idle"] += 5.0 * float((counts == 0).sum())
+    return wall
+
+
 def analyse(trace_dir: str, hlo_text: str, steps: int, walls: list[float]) -> dict:
     """Per-step thread time by category, top thunks, parallelism and dispatch, from one trace directory."""
     path = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)[0]
@@ -127,14 +147,16 @@ def analyse(trace_dir: str, hlo_text: str, steps: int, walls: list[float]) -> di
     for e in thunks:
         by_category[category(e["name"], names.get(e["name"], []))] += e["dur"]
         by_thunk[e["name"]] += e["dur"]
-    shares = []
+    shares, wall_by_category = [], collections.Counter()
     for wait in waits:
         start, stop = wait["ts"], wait["ts"] + wait["dur"]
-        intervals = collections.defaultdict(list)
+        intervals, timed = collections.defaultdict(list), []
         for e in thunks:
             if start <= e["ts"] <= stop:
                 intervals[e["tid"]].append((e["ts"], e["ts"] + e["dur"]))
+                timed.append((category(e["name"], names.get(e["name"], [])), e["ts"], e["ts"] + e["dur"]))
         shares.append(_busy_shares(intervals, start, stop))
+        wall_by_category.update(_wall_attribution(timed, start, stop))
     flops = dot_flops(hlo_text)
     big = [(flops[e["name"]], e["dur"]) for e in thunks if e["name"] in flops and e["dur"] >= 5000]
     execute_ms = statistics.median(w["dur"] for w in waits) / 1e3
@@ -146,6 +168,7 @@ def analyse(trace_dir: str, hlo_text: str, steps: int, walls: list[float]) -> di
         "dispatch_ms": max(wall_ms - execute_ms, 0.0),
         "thread_ms": total / steps / 1e3,
         "categories_ms": {k: v / steps / 1e3 for k, v in by_category.most_common()},
+        "wall_categories_ms": {k: v / len(waits) / 1e3 for k, v in wall_by_category.most_common()},
         "both_busy": statistics.median(s[0] for s in shares),
         "idle": statistics.median(s[1] for s in shares),
         "top_thunks_ms": {k: v / steps / 1e3 for k, v in by_thunk.most_common(12)},

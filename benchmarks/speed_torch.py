@@ -125,8 +125,9 @@ class Bench:
         value = loss(self.size, self.forward, self.batch)
         self.optimizer.zero_grad(set_to_none=True)
         value.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), OPTIMIZER["clip_norm"])
-        self.optimizer.step()
+        with torch.profiler.record_function("optimizer"):  # benchmarks/profile_torch.py's category
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), OPTIMIZER["clip_norm"])
+            self.optimizer.step()
         self.loss = value.detach()
 
     def last_loss(self) -> float:

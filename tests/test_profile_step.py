@@ -71,6 +71,11 @@ def test_category(thunk, op_names, expected):
     assert profile_step.category(thunk, op_names) == expected
 
 
+def test_wall_attribution_splits_shared_time_and_counts_idle():
+    wall = profile_step._wall_attribution([("matmul", 0.0, 10.0), ("other", 5.0, 10.0)], 0.0, 20.0)
+    assert wall == {"matmul": 7.5, "other": 2.5, "idle": 10.0}
+
+
 def test_profile_of_a_tiny_bilstm_step_adds_up(monkeypatch):
     monkeypatch.setattr(profile_step, "case_size", lambda name: speed_cases.case_size(name, tiny=True))
     result = profile_step.profile_case("bilstm", steps=2)
@@ -78,5 +83,6 @@ def test_profile_of_a_tiny_bilstm_step_adds_up(monkeypatch):
     assert categories.get("recurrence: matmul", 0.0) > 0.0 and categories.get("optimizer", 0.0) > 0.0
     assert sum(categories.values()) == pytest.approx(result["thread_ms"])
     assert 0.0 <= result["both_busy"] <= 1.0 and 0.0 <= result["idle"] <= 1.0
+    assert sum(result["wall_categories_ms"].values()) == pytest.approx(result["execute_ms"], rel=0.02)
     assert result["execute_ms"] > 0.0 and result["wall_ms"] >= result["execute_ms"] * 0.5
     assert result["big_matmuls"] == 0  # a tiny model has no matmul of 5 ms
