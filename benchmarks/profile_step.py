@@ -42,7 +42,6 @@ import re
 import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -50,6 +49,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from report import publish  # noqa: E402
 from speed_cases import CASES, case_size, model_flops_per_step  # noqa: E402
+from timing import seconds  # noqa: E402
 
 SCOPES = ("optimizer", "attention", "recurrence")
 NOT_THUNKS = ("ThunkExecutor", "PjitFunction", "SlinkyThreadPool", "ThreadpoolListener", "end:", "$",
@@ -143,9 +143,10 @@ def analyse(trace_dir: str, hlo_text: str, steps: int, walls: list[float]) -> di
                    key=lambda e: e["ts"])[-steps:]
     thunks = [e for e in events if not e["name"].startswith(NOT_THUNKS)]
     names = hlo_op_names(hlo_text)
+    kinds = {name: category(name, names.get(name, [])) for name in {e["name"] for e in thunks}}
     by_category, by_thunk = collections.Counter(), collections.Counter()
     for e in thunks:
-        by_category[category(e["name"], names.get(e["name"], []))] += e["dur"]
+        by_category[kinds[e["name"]]] += e["dur"]
         by_thunk[e["name"]] += e["dur"]
     shares, wall_by_category = [], collections.Counter()
     for wait in waits:
@@ -154,7 +155,7 @@ def analyse(trace_dir: str, hlo_text: str, steps: int, walls: list[float]) -> di
         for e in thunks:
             if start <= e["ts"] <= stop:
                 intervals[e["tid"]].append((e["ts"], e["ts"] + e["dur"]))
-                timed.append((category(e["name"], names.get(e["name"], [])), e["ts"], e["ts"] + e["dur"]))
+                timed.append((kinds[e["name"]], e["ts"], e["ts"] + e["dur"]))
         shares.append(_busy_shares(intervals, start, stop))
         wall_by_category.update(_wall_attribution(timed, start, stop))
     flops = dot_flops(hlo_text)
@@ -188,13 +189,9 @@ def profile_case(name: str, steps: int) -> dict:
     for _ in range(3):
         bench.step()
     hlo_text = bench.lower().compile().as_text()
-    walls = []
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            for _ in range(steps):
-                start = time.perf_counter()
-                bench.step()
-                walls.append(time.perf_counter() - start)
+            walls = [seconds(bench.step) for _ in range(steps)]
         result = analyse(trace_dir, hlo_text, steps, walls)
     result["model_gflop"] = model_flops_per_step(size) / 1e9
     return result

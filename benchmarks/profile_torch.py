@@ -35,12 +35,12 @@ import pathlib
 import re
 import statistics
 import sys
-import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from report import publish  # noqa: E402
 from speed_cases import CASES, case_size  # noqa: E402
+from timing import seconds  # noqa: E402
 
 CATEGORIES = ("matmul", "attention", "recurrence", "optimizer", "layout", "other", "framework")
 MATMUL = re.compile(r"^aten::(mm|addmm|bmm|baddbmm|addbmm|mv|addmv|dot|linear|matmul|einsum)$")
@@ -71,6 +71,7 @@ def category(name: str, in_optimizer: bool) -> str:
 
 
 def _under_optimizer(event) -> bool:
+    """Whether `event` is the `optimizer` record_function or runs inside it."""
     while event is not None:
         if event.name == "optimizer":
             return True
@@ -82,10 +83,7 @@ def attribute(events, steps: int) -> dict[str, float]:
     """{category: self time in ms per step} over torch.profiler's FunctionEvents of `steps` steps."""
     totals = dict.fromkeys(CATEGORIES, 0.0)
     for event in events:
-        if event.name == "optimizer":
-            totals["optimizer"] += event.self_cpu_time_total
-            continue
-        totals[category(event.name, _under_optimizer(event.cpu_parent))] += event.self_cpu_time_total
+        totals[category(event.name, _under_optimizer(event))] += event.self_cpu_time_total
     return {k: v / steps / 1e3 for k, v in totals.items()}
 
 
@@ -97,16 +95,9 @@ def profile_case(name: str, steps: int) -> dict:
     bench = Bench(case_size(name))
     for _ in range(3):
         bench.step()
-    walls = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        bench.step()
-        walls.append(time.perf_counter() - start)
+    walls = [seconds(bench.step) for _ in range(steps)]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            bench.step()
-        profiled_ms = (time.perf_counter() - start) / steps * 1e3
+        profiled_ms = seconds(lambda: [bench.step() for _ in range(steps)]) / steps * 1e3
     categories = attribute(prof.events(), steps)
     return {"wall_ms": statistics.median(walls) * 1e3, "profiled_ms": profiled_ms, "categories_ms": categories,
             "unattributed_ms": max(profiled_ms - sum(categories.values()), 0.0),
