@@ -6,14 +6,17 @@ k * G ... k * G + G - 1 (G = H // K), exactly as repeating each key/value head G
 """
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 
+from flaxlm.ops import cpu_attention
 from flaxlm.ops.dropout import dropout
 from flaxlm.ops.masks import causal_mask, combine_masks
 
-_IMPLEMENTATIONS = (None, "xla", "cudnn")
+_IMPLEMENTATIONS = (None, "xla", "cudnn", "cpu")
+CPU_KERNEL_SWITCH = "FLAXLM_CPU_ATTENTION"  # '0' keeps implementation=None off the fused CPU kernel
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 QUERY_BLOCK = 128  # query rows per block of causal attention on the XLA path (see _xla_attention)
 
@@ -45,8 +48,10 @@ def dot_product_attention(
       dropout_key: PRNG key for the dropout; None disables it (evaluation mode).
       return_weights: also return the attention weights [B, H, T, S] (after dropout, as torch returns them).
       implementation: None picks cuDNN flash attention on GPU for bf16/fp16 inputs when no dropout or weights are
-        requested and the shapes suit it, otherwise the XLA path; 'xla' forces the explicit einsum path; 'cudnn'
-        forces cuDNN (ValueError when the request cannot run there).
+        requested and the shapes suit it; on a single CPU device it picks the fused C++ kernel
+        (flaxlm.ops.cpu_attention) for float32 inputs without mask, bias, dropout or weights (unless
+        $FLAXLM_CPU_ATTENTION is '0'); otherwise the XLA path. 'xla' forces the explicit einsum path; 'cudnn'
+        and 'cpu' force cuDNN or the CPU kernel (ValueError when the request cannot run there).
 
     Logits and softmax are computed in float32 whatever the input dtype; the output has q's dtype.
 
@@ -76,6 +81,14 @@ def dot_product_attention(
             return _cudnn_attention(q, k, v, mask, bias, is_causal)
         except (NotImplementedError, RuntimeError) as e:
             raise ValueError(f"implementation='cudnn' cannot run this call: {e}") from e
+    if implementation == "cpu":
+        reason = _cpu_kernel_unsupported(q, k, v, mask, bias, use_dropout, return_weights, automatic=False)
+        if reason:
+            raise ValueError(f"implementation='cpu' cannot run this call: {reason}")
+    if implementation == "cpu" or implementation is None and not _cpu_kernel_unsupported(
+            q, k, v, mask, bias, use_dropout, return_weights, automatic=True):
+        with jax.named_scope("attention"):
+            return cpu_attention.fused_attention(q, k, v, is_causal)
     if implementation is None and not _cudnn_unsupported(q, k, v, mask, bias, use_dropout, return_weights,
                                                           check_backend=True):
         try:
@@ -173,6 +186,22 @@ def _xla_attention(q, k, v, mask, bias, is_causal, dropout_rate, dropout_key, re
         return out, None
     weights = all_weights[0] if len(all_weights) == 1 else jnp.concatenate(all_weights, axis=2)
     return out, weights.astype(q.dtype)
+
+
+def _cpu_kernel_unsupported(q, k, v, mask, bias, use_dropout, return_weights, *, automatic) -> str:
+    """Why the fused CPU kernel cannot serve this call ('' when it can). `automatic`: also require a single CPU
+    device (the kernel has no sharding rule) and the switch not set to '0'."""
+    if automatic and (jax.default_backend() != "cpu" or jax.device_count() != 1):
+        return "not on a single CPU device"
+    if automatic and os.environ.get(CPU_KERNEL_SWITCH) == "0":
+        return f"turned off by {CPU_KERNEL_SWITCH}=0"
+    if mask is not None or bias is not None:
+        return "the CPU kernel takes no mask or bias (only is_causal)"
+    if use_dropout:
+        return "attention dropout is only implemented on the XLA path"
+    if return_weights:
+        return "the CPU kernel does not return attention weights"
+    return cpu_attention.unsupported_reason(q, k, v) or cpu_attention.unavailable_reason()
 
 
 def _cudnn_unsupported(q, k, v, mask, bias, use_dropout, return_weights, *, check_backend) -> str:

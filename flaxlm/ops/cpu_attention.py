@@ -1,0 +1,131 @@
+"""Fused scaled dot-product attention for XLA:CPU: a C++ kernel called through the XLA FFI.
+
+XLA:CPU runs attention as separate batched products, softmax fusions and transposes. The kernel in
+`cpu_attention.cc` does one (batch, head) pair at a time in cache: logits of a block of query rows, their
+softmax and the weighted sum of values, without writing the [T, S] weights to memory; its backward pass
+recomputes the weights from the saved log-sum-exp (as FlashAttention does). It reads and writes JAX's
+[B, T, H, D] layout directly, so no transposes surround it.
+
+The kernel is compiled on first use with the C++ compiler named by $CXX (default `g++`) into
+$FLAXLM_KERNEL_CACHE (default ~/.cache/flaxlm/kernels), keyed by the source, jaxlib's version and the flags,
+and registered as two FFI targets. `unavailable_reason()` says why it cannot be used ('' when it can); the
+attention op then takes the XLA path.
+
+Scope: float32 q, k, v of shape [..., T, H, D] / [..., S, H, D] with the same number of query and key/value
+heads, D a multiple of 8 and equal for q and v, optional causal masking (query t sees keys s <= t), no other
+mask, bias or dropout. Reverse-mode differentiation only (jax.grad, jax.vjp); forward mode (jax.jvp) needs the
+XLA path (`implementation='xla'`).
+"""
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).with_name("cpu_attention.cc")
+FORWARD_TARGET = "flaxlm_cpu_attention_forward"
+BACKWARD_TARGET = "flaxlm_cpu_attention_backward"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def compile_command(output: Path) -> list[str]:
+    """The compiler command that builds the kernel into `output` (AVX2/FMA code where the CPU has both)."""
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-w"]
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
+        flags += ["-mavx2", "-mfma"]
+    return [os.environ.get("CXX", "g++"), *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(output)]
+
+
+def _cache_dir() -> Path:
+    default = Path.home() / ".cache" / "flaxlm" / "kernels"
+    return Path(os.environ.get("FLAXLM_KERNEL_CACHE", default))
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | str:
+    """Compiles (once per source, jaxlib version and flags) and registers the kernel; an error message on failure."""
+    probe = compile_command(Path("lib.so"))
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(probe).encode() + jax.lib.__version__.encode())
+    cache = _cache_dir()
+    library = cache / f"cpu_attention-{key.hexdigest()[:16]}.so"
+    if not library.exists():
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                built = Path(tmp) / library.name
+                done = subprocess.run(compile_command(built), capture_output=True, text=True)
+                if done.returncode != 0:
+                    return f"compiling {SOURCE} failed ({' '.join(compile_command(built))}):\n{done.stderr[-2000:]}"
+                os.replace(built, library)  # atomic: processes compiling at once each install a whole file
+        except OSError as e:
+            return f"cannot build {library}: {e}"
+    lib = ctypes.cdll.LoadLibrary(str(library))
+    jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(lib.FlaxlmAttentionForward), platform="cpu")
+    jax.ffi.register_ffi_target(BACKWARD_TARGET, jax.ffi.pycapsule(lib.FlaxlmAttentionBackward), platform="cpu")
+    return lib
+
+
+def unavailable_reason() -> str:
+    """'' when the kernel is built and registered, otherwise why not (the compiler's message included)."""
+    loaded = _load()
+    return loaded if isinstance(loaded, str) else ""
+
+
+def unsupported_reason(q: jax.Array, k: jax.Array, v: jax.Array) -> str:
+    """Why the kernel cannot take these operands ('' when it can); masks, bias and dropout are checked by the caller."""
+    if not q.dtype == k.dtype == v.dtype == jnp.float32:
+        return f"q/k/v must be float32, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if k.shape[-2] != q.shape[-2]:
+        return f"grouped-query attention is not implemented (q {q.shape}, k {k.shape})"
+    if q.shape[-1] % 8 or v.shape[-1] != q.shape[-1]:
+        return f"head_dim must be a multiple of 8 and equal for q and v, got q {q.shape}, v {v.shape}"
+    if 0 in q.shape or 0 in k.shape:
+        return f"empty operands: q {q.shape}, k {k.shape}"
+    return ""
+
+
+def _forward_call(q, k, v, is_causal):
+    """-> out [B, T, H, D] and the log-sum-exp of each query row's scaled logits [B, H, T]."""
+    *lead, q_len, heads, _ = q.shape
+    shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((*lead, heads, q_len), jnp.float32))
+    call = jax.ffi.ffi_call(FORWARD_TARGET, shapes, vmap_method="broadcast_all")
+    return call(q, k, v, causal=is_causal, scale=np.float32(1.0 / math.sqrt(q.shape[-1])))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool) -> jax.Array:
+    """softmax(q k^T / sqrt(D), causal if asked) v for q [B, T, H, D], k/v [B, S, H, D] -> [B, T, H, D]."""
+    return _forward_call(q, k, v, is_causal)[0]
+
+
+def _fused_forward(q, k, v, is_causal):
+    out, lse = _forward_call(q, k, v, is_causal)
+    return out, (q, k, v, out, lse)
+
+
+def _fused_backward(is_causal, residuals, d_out):
+    q, k, v, out, lse = residuals
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+    call = jax.ffi.ffi_call(BACKWARD_TARGET, shapes, vmap_method="broadcast_all")
+    return call(q, k, v, out, lse, d_out, causal=is_causal, scale=np.float32(1.0 / math.sqrt(q.shape[-1])))
+
+
+fused_attention.defvjp(_fused_forward, _fused_backward)
