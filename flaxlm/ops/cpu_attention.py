@@ -30,10 +30,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
 FORWARD_TARGET = "flaxlm_cpu_attention_forward"
 BACKWARD_TARGET = "flaxlm_cpu_attention_backward"
+# checkpoint_name of the forward pass's residuals: remat policies that keep them spare the backward pass a
+# second forward kernel (flaxlm.nn.transformer's 'dots' and 'dots_all' do).
+RESIDUAL_NAMES = ("attention_out", "attention_lse")
 
 
 def _cpu_flags() -> set[str]:
@@ -118,6 +122,7 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool) -
 
 def _fused_forward(q, k, v, is_causal):
     out, lse = _forward_call(q, k, v, is_causal)
+    out, lse = (checkpoint_name(x, name) for x, name in zip((out, lse), RESIDUAL_NAMES))
     return out, (q, k, v, out, lse)
 
 
