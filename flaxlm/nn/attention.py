@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxlm.ops.attention import dot_product_attention
+from flaxlm.ops.attention import dot_product_attention, dot_product_self_attention
 from flaxlm.ops.dense import dense
 from flaxlm.ops.masks import causal_mask, combine_masks
 from flaxlm.ops.positions import apply_rope
@@ -168,6 +168,12 @@ class MultiHeadAttention(nnx.Module):
           (out, new_cache) or (out, weights, new_cache).
         """
         self._check_inputs(x_q, x_kv, cache)
+        options = dict(dropout_rate=self.dropout_rate, dropout_key=dropout_key, return_weights=return_weights,
+                       implementation=self.implementation)
+        if self.fused_qkv and x_kv is None and cache is None and not self.rope:
+            result = dot_product_self_attention(self._project_packed(x_q.astype(self.dtype)), mask=mask,
+                                                is_causal=is_causal, **options)
+            return self._output(result, return_weights, None)
         q, k, v = self._project(x_q.astype(self.dtype), None if x_kv is None else x_kv.astype(self.dtype))
         q_len = q.shape[1]
         start = jnp.zeros((), jnp.int32) if cache is None else cache.index
@@ -186,15 +192,16 @@ class MultiHeadAttention(nnx.Module):
             k, v = new_cache.k.astype(self.dtype), new_cache.v.astype(self.dtype)
             mask = combine_masks(mask, causal_mask(q_len, k.shape[1], offset=start)[None, None])
             is_causal = False
-        result = dot_product_attention(
-            q, k, v, mask=mask, is_causal=is_causal, dropout_rate=self.dropout_rate, dropout_key=dropout_key,
-            return_weights=return_weights, implementation=self.implementation,
-        )
+        result = dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, **options)
+        return self._output(result, return_weights, new_cache)
+
+    def _output(self, result, return_weights: bool, new_cache: KVCache | None):
+        """The output projection of the attention result, with the weights and the new cache as __call__ returns."""
         out, weights = result if return_weights else (result, None)
         out = dense(out, self.out_kernel[...].astype(self.dtype), contract=2)
         if self.out_bias is not None:
             out = out + self.out_bias[...].astype(self.dtype)
-        outputs = (out,) + ((weights,) if return_weights else ()) + ((new_cache,) if cache is not None else ())
+        outputs = (out,) + ((weights,) if return_weights else ()) + ((new_cache,) if new_cache is not None else ())
         return outputs[0] if len(outputs) == 1 else outputs
 
     def _check_inputs(self, x_q, x_kv, cache) -> None:
@@ -222,17 +229,28 @@ class MultiHeadAttention(nnx.Module):
                     f"S_max={cache.k.shape[1]}"
                 )
 
+    def _qkv_kernel_and_bias(self):
+        """The fused projection's kernel [F, 3, H, D] and bias [3, H, D] (zeros without bias), compute dtype."""
+        w = self.qkv_kernel[...].astype(self.dtype)
+        b = self.qkv_bias[...].astype(self.dtype) if self.qkv_bias is not None else jnp.zeros((3,) + w.shape[2:],
+                                                                                             self.dtype)
+        return w, b
+
+    def _project_packed(self, x):
+        """Self-attention's fused projection of x [B, T, F] -> qkv [B, T, 3, H, D] (fused_qkv only)."""
+        w, b = self._qkv_kernel_and_bias()
+        return dense(x, w) + b
+
     def _project(self, x_q, x_kv):
         """-> q [B, T, H, D], k [B, S, K, D], v [B, S, K, D] in the compute dtype."""
         dt = self.dtype
         if self.fused_qkv:
-            w = self.qkv_kernel[...].astype(dt)
-            b = self.qkv_bias[...].astype(dt) if self.qkv_bias is not None else jnp.zeros((3,) + w.shape[2:], dt)
             if x_kv is None:
                 # jnp.split, not indexing: its gradient is one concatenate, where three slices' gradients are three
                 # zero-padded copies added together (XLA:CPU then ran an extra pass over [B, T, 3, H, D]).
-                q, k, v = jnp.split(dense(x_q, w) + b, 3, axis=2)
+                q, k, v = jnp.split(self._project_packed(x_q), 3, axis=2)
                 return q[:, :, 0], k[:, :, 0], v[:, :, 0]
+            w, b = self._qkv_kernel_and_bias()
             q = dense(x_q, w[:, 0]) + b[0]
             kv = dense(x_kv, w[:, 1:]) + b[1:]
             return q, kv[:, :, 0], kv[:, :, 1]

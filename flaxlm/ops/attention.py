@@ -81,12 +81,7 @@ def dot_product_attention(
             return _cudnn_attention(q, k, v, mask, bias, is_causal)
         except (NotImplementedError, RuntimeError) as e:
             raise ValueError(f"implementation='cudnn' cannot run this call: {e}") from e
-    if implementation == "cpu":
-        reason = _cpu_kernel_unsupported(q, k, v, mask, bias, use_dropout, return_weights, automatic=False)
-        if reason:
-            raise ValueError(f"implementation='cpu' cannot run this call: {reason}")
-    if implementation == "cpu" or implementation is None and not _cpu_kernel_unsupported(
-            q, k, v, mask, bias, use_dropout, return_weights, automatic=True):
+    if _takes_cpu_kernel(q, k, v, mask, bias, use_dropout, return_weights, implementation):
         with jax.named_scope("attention"):
             return cpu_attention.fused_attention(q, k, v, is_causal)
     if implementation is None and not _cudnn_unsupported(q, k, v, mask, bias, use_dropout, return_weights,
@@ -102,6 +97,37 @@ def dot_product_attention(
     if return_weights:
         return out, weights
     return out
+
+
+def dot_product_self_attention(
+    qkv: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    is_causal: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
+    return_weights: bool = False,
+    implementation: str | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """dot_product_attention(q, k, v, ...) of a fused projection qkv [B, T, 3, H, D] (q, k, v = qkv[:, :, i]).
+
+    The fused CPU kernel reads qkv in place, so its forward pass copies no slices and its gradient is one
+    [B, T, 3, H, D] array instead of three joined by a concatenate; every other path takes the three slices.
+    Arguments and result as dot_product_attention's.
+    """
+    qkv = jnp.asarray(qkv)
+    if qkv.ndim != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must have shape [B, T, 3, H, D], got {qkv.shape}")
+    use_dropout = dropout_key is not None and dropout_rate > 0.0
+    part = jax.ShapeDtypeStruct(qkv.shape[:2] + qkv.shape[3:], qkv.dtype)
+    if (implementation in _IMPLEMENTATIONS and 0.0 <= dropout_rate < 1.0
+            and _takes_cpu_kernel(part, part, part, mask, bias, use_dropout, return_weights, implementation)):
+        with jax.named_scope("attention"):
+            return cpu_attention.fused_self_attention(qkv, is_causal)
+    q, k, v = (qkv[:, :, i] for i in range(3))
+    return dot_product_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal, dropout_rate=dropout_rate,
+                                 dropout_key=dropout_key, return_weights=return_weights, implementation=implementation)
 
 
 def _check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
@@ -186,6 +212,18 @@ def _xla_attention(q, k, v, mask, bias, is_causal, dropout_rate, dropout_key, re
         return out, None
     weights = all_weights[0] if len(all_weights) == 1 else jnp.concatenate(all_weights, axis=2)
     return out, weights.astype(q.dtype)
+
+
+def _takes_cpu_kernel(q, k, v, mask, bias, use_dropout, return_weights, implementation) -> bool:
+    """Whether this call runs the fused CPU kernel: always for 'cpu' (ValueError when it cannot), and for None
+    where _cpu_kernel_unsupported finds nothing against it."""
+    if implementation == "cpu":
+        reason = _cpu_kernel_unsupported(q, k, v, mask, bias, use_dropout, return_weights, automatic=False)
+        if reason:
+            raise ValueError(f"implementation='cpu' cannot run this call: {reason}")
+        return True
+    return implementation is None and not _cpu_kernel_unsupported(q, k, v, mask, bias, use_dropout, return_weights,
+                                                                  automatic=True)
 
 
 def _cpu_kernel_unsupported(q, k, v, mask, bias, use_dropout, return_weights, *, automatic) -> str:

@@ -1,7 +1,8 @@
 // Fused scaled dot-product attention (optionally causal) for XLA:CPU in float32, called through the XLA FFI.
 //
-// Layouts are JAX's: q [N, T, H, D], k/v [N, S, H, D], out [N, T, H, D], lse [N, H, T] (N = product of the
-// leading axes). Each (n, h) pair is one work item; the items are shared among XLA's intra-op threads.
+// Layouts are JAX's: q [N, T, H, D], k/v [N, S, H, D] (or one packed qkv [N, T, 3, H, D] for self-attention),
+// out [N, T, H, D], lse [N, H, T] (N = product of the leading axes). Each (n, h) pair is one work item; the
+// items are shared among XLA's intra-op threads. The backward pass recomputes the softmax from lse.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -181,65 +182,61 @@ inline void softmax_rows(float* l, int64_t lstride, int nr, int64_t i0, int64_t 
   }
 }
 
-Dims dims_of(const ffi::AnyBuffer::Dimensions& qd, const ffi::AnyBuffer::Dimensions& kd) {
+// A [N, T, ..., H, D] operand seen as rows: element (b, t, h, :) starts at base + b * batch + t * row + h * D.
+// Separate q/k/v arrays [N, T, H, D] have row = H * D; the packed qkv array [N, T, 3, H, D] has row = 3 * H * D
+// and k, v start H * D and 2 * H * D after q.
+struct View {
+  float* base;
+  int64_t batch, row;
+  float* at(int64_t b, int64_t h, int64_t d) const { return base + b * batch + h * d; }
+};
+
+View separate(float* base, int64_t len, const Dims& dm) { return {base, len * dm.h * dm.d, dm.h * dm.d}; }
+
+View packed(float* base, int64_t part, const Dims& dm) {
+  return {base + part * dm.h * dm.d, dm.t * 3 * dm.h * dm.d, 3 * dm.h * dm.d};
+}
+
+// Dims from q's shape [..., T, H, D] (rank - 3 leading axes) and the key length.
+Dims dims_of(const ffi::AnyBuffer::Dimensions& qd, int lead, int64_t s) {
   Dims dm;
-  int rank = qd.size();
   dm.n = 1;
-  for (int i = 0; i < rank - 3; ++i) dm.n *= qd[i];
-  dm.t = qd[rank - 3];
-  dm.h = qd[rank - 2];
-  dm.d = qd[rank - 1];
-  dm.s = kd[rank - 3];
+  for (int i = 0; i < lead; ++i) dm.n *= qd[i];
+  dm.t = qd[lead];
+  dm.h = qd[qd.size() - 2];
+  dm.d = qd[qd.size() - 1];
+  dm.s = s;
   dm.sp = (dm.s + kLanes - 1) / kLanes * kLanes;
   dm.items = dm.n * dm.h;
   return dm;
 }
 
-ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
+void forward_views(ffi::ThreadPool& pool, const Dims& dm, View q, View k, View v, View out, float* lse,
                    bool causal, float scale) {
-  Dims dm = dims_of(q.dimensions(), k.dimensions());
-  if (dm.d % kLanes) return ffi::Error::InvalidArgument("head_dim must be a multiple of 8");
-  const float* qp = q.typed_data();
-  const float* kp = k.typed_data();
-  const float* vp = v.typed_data();
-  float* op = out->typed_data();
-  float* lp = lse->typed_data();
-  const int64_t hd = dm.h * dm.d;
   auto item = [&](int64_t it) {
     thread_local std::vector<float> kt, logits;
     kt.resize(dm.d * dm.sp);
     logits.resize(kRows * dm.sp);
     int64_t b = it / dm.h, hh = it % dm.h;
-    const float* qb = qp + b * dm.t * hd + hh * dm.d;
-    const float* kb = kp + b * dm.s * hd + hh * dm.d;
-    const float* vb = vp + b * dm.s * hd + hh * dm.d;
-    float* ob = op + b * dm.t * hd + hh * dm.d;
-    float* lb = lp + it * dm.t;
-    pack_transposed(kb, hd, dm, kt.data());
+    const float* qb = q.at(b, hh, dm.d);
+    const float* vb = v.at(b, hh, dm.d);
+    float* ob = out.at(b, hh, dm.d);
+    float* lb = lse + it * dm.t;
+    pack_transposed(k.at(b, hh, dm.d), k.row, dm, kt.data());
     for (int64_t i0 = 0; i0 < dm.t; i0 += kRows) {
       int nr = std::min<int64_t>(kRows, dm.t - i0);
       int64_t n = visible(i0 + nr - 1, causal, dm);
       int64_t ncols = (n + kLanes - 1) / kLanes * kLanes;
-      rows_times_packed(qb + i0 * hd, hd, nr, kt.data(), dm.sp, dm.d, ncols, logits.data(), dm.sp);
+      rows_times_packed(qb + i0 * q.row, q.row, nr, kt.data(), dm.sp, dm.d, ncols, logits.data(), dm.sp);
       softmax_rows(logits.data(), dm.sp, nr, i0, ncols, causal, scale, dm, nullptr, lb + i0);
-      weights_times_rows(logits.data(), dm.sp, nr, vb, hd, n, dm.d, 1.0f, ob + i0 * hd, hd);
+      weights_times_rows(logits.data(), dm.sp, nr, vb, v.row, n, dm.d, 1.0f, ob + i0 * out.row, out.row);
     }
   };
   parallel_items(pool, dm.items, item);
-  return ffi::Error::Success();
 }
 
-ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
-                    ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv, bool causal, float scale) {
-  Dims dm = dims_of(q.dimensions(), k.dimensions());
-  if (dm.d % kLanes) return ffi::Error::InvalidArgument("head_dim must be a multiple of 8");
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *opp = o.typed_data();
-  const float *lp = lse.typed_data(), *gp = dout.typed_data();
-  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
-  const int64_t hd = dm.h * dm.d;
+void backward_views(ffi::ThreadPool& pool, const Dims& dm, View q, View k, View v, View o, const float* lse,
+                    View g, View dq, View dk, View dv, bool causal, float scale) {
   auto item = [&](int64_t it) {
     thread_local std::vector<float> kt, vt, p, dp, dk_acc, dv_acc;
     kt.resize(dm.d * dm.sp);
@@ -249,65 +246,121 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     dk_acc.assign(dm.s * dm.d, 0.0f);
     dv_acc.assign(dm.s * dm.d, 0.0f);
     int64_t b = it / dm.h, hh = it % dm.h;
-    int64_t qoff = b * dm.t * hd + hh * dm.d, koff = b * dm.s * hd + hh * dm.d;
-    pack_transposed(kp + koff, hd, dm, kt.data());
-    pack_transposed(vp + koff, hd, dm, vt.data());
-    const float* lb = lp + it * dm.t;
+    const float* kb = k.at(b, hh, dm.d);
+    pack_transposed(kb, k.row, dm, kt.data());
+    pack_transposed(v.at(b, hh, dm.d), v.row, dm, vt.data());
+    const float* lb = lse + it * dm.t;
     for (int64_t i0 = 0; i0 < dm.t; i0 += kRows) {
       int nr = std::min<int64_t>(kRows, dm.t - i0);
       int64_t n = visible(i0 + nr - 1, causal, dm);
       int64_t ncols = (n + kLanes - 1) / kLanes * kLanes;
-      const float* qrows = qp + qoff + i0 * hd;
-      const float* grows = gp + qoff + i0 * hd;
-      const float* orows = opp + qoff + i0 * hd;
-      rows_times_packed(qrows, hd, nr, kt.data(), dm.sp, dm.d, ncols, p.data(), dm.sp);
+      const float* qrows = q.at(b, hh, dm.d) + i0 * q.row;
+      const float* grows = g.at(b, hh, dm.d) + i0 * g.row;
+      const float* orows = o.at(b, hh, dm.d) + i0 * o.row;
+      rows_times_packed(qrows, q.row, nr, kt.data(), dm.sp, dm.d, ncols, p.data(), dm.sp);
       softmax_rows(p.data(), dm.sp, nr, i0, ncols, causal, scale, dm, lb + i0, nullptr);
-      rows_times_packed(grows, hd, nr, vt.data(), dm.sp, dm.d, ncols, dp.data(), dm.sp);
+      rows_times_packed(grows, g.row, nr, vt.data(), dm.sp, dm.d, ncols, dp.data(), dm.sp);
       for (int r = 0; r < nr; ++r) {
         v8 acc = splat(0.0f);
-        for (int64_t c = 0; c < dm.d; c += kLanes) acc += load(grows + r * hd + c) * load(orows + r * hd + c);
+        for (int64_t c = 0; c < dm.d; c += kLanes) acc += load(grows + r * g.row + c) * load(orows + r * o.row + c);
         v8 delta = splat(hsum(acc));
         float* pr = p.data() + r * dm.sp;
         float* dr = dp.data() + r * dm.sp;
         for (int64_t j = 0; j < ncols; j += kLanes) store(dr + j, load(pr + j) * (load(dr + j) - delta));
       }
-      weights_times_rows(dp.data(), dm.sp, nr, kp + koff, hd, n, dm.d, scale, dqp + qoff + i0 * hd, hd);
-      accumulate_outer(p.data(), dm.sp, nr, grows, hd, n, dm.d, 1.0f, dv_acc.data());
-      accumulate_outer(dp.data(), dm.sp, nr, qrows, hd, n, dm.d, scale, dk_acc.data());
+      weights_times_rows(dp.data(), dm.sp, nr, kb, k.row, n, dm.d, scale, dq.at(b, hh, dm.d) + i0 * dq.row, dq.row);
+      accumulate_outer(p.data(), dm.sp, nr, grows, g.row, n, dm.d, 1.0f, dv_acc.data());
+      accumulate_outer(dp.data(), dm.sp, nr, qrows, q.row, n, dm.d, scale, dk_acc.data());
     }
+    float* dkb = dk.at(b, hh, dm.d);
+    float* dvb = dv.at(b, hh, dm.d);
     for (int64_t j = 0; j < dm.s; ++j) {
-      std::memcpy(dkp + koff + j * hd, dk_acc.data() + j * dm.d, dm.d * sizeof(float));
-      std::memcpy(dvp + koff + j * hd, dv_acc.data() + j * dm.d, dm.d * sizeof(float));
+      std::memcpy(dkb + j * dk.row, dk_acc.data() + j * dm.d, dm.d * sizeof(float));
+      std::memcpy(dvb + j * dv.row, dv_acc.data() + j * dm.d, dm.d * sizeof(float));
     }
   };
   parallel_items(pool, dm.items, item);
+}
+
+float* data(ffi::Buffer<ffi::F32>& x) { return x.typed_data(); }
+float* data(ffi::Result<ffi::Buffer<ffi::F32>>& x) { return x->typed_data(); }
+
+ffi::Error check_head_dim(const Dims& dm) {
+  if (dm.d % kLanes) return ffi::Error::InvalidArgument("head_dim must be a multiple of 8");
+  return ffi::Error::Success();
+}
+
+// q [..., T, H, D], k/v [..., S, H, D] -> out [..., T, H, D], lse [..., H, T].
+ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, bool causal, float scale) {
+  int lead = q.dimensions().size() - 3;
+  Dims dm = dims_of(q.dimensions(), lead, k.dimensions()[lead]);
+  if (ffi::Error e = check_head_dim(dm); e.failure()) return e;
+  forward_views(pool, dm, separate(data(q), dm.t, dm), separate(data(k), dm.s, dm), separate(data(v), dm.s, dm),
+                separate(data(out), dm.t, dm), data(lse), causal, scale);
+  return ffi::Error::Success();
+}
+
+// qkv [..., T, 3, H, D] -> out [..., T, H, D], lse [..., H, T].
+ffi::Error forward_packed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi::F32> out,
+                          ffi::ResultBuffer<ffi::F32> lse, bool causal, float scale) {
+  int lead = qkv.dimensions().size() - 4;
+  Dims dm = dims_of(qkv.dimensions(), lead, qkv.dimensions()[lead]);
+  if (ffi::Error e = check_head_dim(dm); e.failure()) return e;
+  float* base = data(qkv);
+  forward_views(pool, dm, packed(base, 0, dm), packed(base, 1, dm), packed(base, 2, dm),
+                separate(data(out), dm.t, dm), data(lse), causal, scale);
+  return ffi::Error::Success();
+}
+
+// (q, k, v, out, lse, d_out) -> (dq, dk, dv), shapes as in forward.
+ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> g,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                    bool causal, float scale) {
+  int lead = q.dimensions().size() - 3;
+  Dims dm = dims_of(q.dimensions(), lead, k.dimensions()[lead]);
+  if (ffi::Error e = check_head_dim(dm); e.failure()) return e;
+  backward_views(pool, dm, separate(data(q), dm.t, dm), separate(data(k), dm.s, dm), separate(data(v), dm.s, dm),
+                 separate(data(o), dm.t, dm), data(lse), separate(data(g), dm.t, dm), separate(data(dq), dm.t, dm),
+                 separate(data(dk), dm.s, dm), separate(data(dv), dm.s, dm), causal, scale);
+  return ffi::Error::Success();
+}
+
+// (qkv, out, lse, d_out) -> d_qkv [..., T, 3, H, D].
+ffi::Error backward_packed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> o,
+                           ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dqkv,
+                           bool causal, float scale) {
+  int lead = qkv.dimensions().size() - 4;
+  Dims dm = dims_of(qkv.dimensions(), lead, qkv.dimensions()[lead]);
+  if (ffi::Error e = check_head_dim(dm); e.failure()) return e;
+  float *base = data(qkv), *grad = data(dqkv);
+  backward_views(pool, dm, packed(base, 0, dm), packed(base, 1, dm), packed(base, 2, dm), separate(data(o), dm.t, dm),
+                 data(lse), separate(data(g), dm.t, dm), packed(grad, 0, dm), packed(grad, 1, dm),
+                 packed(grad, 2, dm), causal, scale);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
+using F32Buffer = ffi::Buffer<ffi::F32>;
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxlmAttentionForward, forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("causal")
-                                  .Attr<float>("scale"));
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32Buffer>().Arg<F32Buffer>()
+                                  .Arg<F32Buffer>().Ret<F32Buffer>().Ret<F32Buffer>()
+                                  .Attr<bool>("causal").Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxlmAttentionForwardPacked, forward_packed,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32Buffer>().Ret<F32Buffer>()
+                                  .Ret<F32Buffer>().Attr<bool>("causal").Attr<float>("scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxlmAttentionBackward, backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("causal")
-                                  .Attr<float>("scale"));
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32Buffer>().Arg<F32Buffer>()
+                                  .Arg<F32Buffer>().Arg<F32Buffer>().Arg<F32Buffer>().Arg<F32Buffer>()
+                                  .Ret<F32Buffer>().Ret<F32Buffer>().Ret<F32Buffer>()
+                                  .Attr<bool>("causal").Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxlmAttentionBackwardPacked, backward_packed,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32Buffer>().Arg<F32Buffer>()
+                                  .Arg<F32Buffer>().Arg<F32Buffer>().Ret<F32Buffer>()
+                                  .Attr<bool>("causal").Attr<float>("scale"));

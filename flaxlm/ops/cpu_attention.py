@@ -8,11 +8,12 @@ recomputes the weights from the saved log-sum-exp (as FlashAttention does). It r
 
 The kernel is compiled on first use with the C++ compiler named by $CXX (default `g++`) into
 $FLAXLM_KERNEL_CACHE (default ~/.cache/flaxlm/kernels), keyed by the source, jaxlib's version and the flags,
-and registered as two FFI targets. `unavailable_reason()` says why it cannot be used ('' when it can); the
+and registered as FFI targets. `unavailable_reason()` says why it cannot be used ('' when it can); the
 attention op then takes the XLA path.
 
 Scope: float32 q, k, v of shape [..., T, H, D] / [..., S, H, D] with the same number of query and key/value
-heads, D a multiple of 8 and equal for q and v, optional causal masking (query t sees keys s <= t), no other
+heads, D a multiple of 8 and equal for q and v (or, for self-attention, one packed qkv [..., T, 3, H, D]: no
+slices of it are copied in the forward pass and its gradient is one array), optional causal masking (query t sees keys s <= t), no other
 mask, bias or dropout. Reverse-mode differentiation only (jax.grad, jax.vjp); forward mode (jax.jvp) needs the
 XLA path (`implementation='xla'`).
 """
@@ -35,6 +36,10 @@ from jax.ad_checkpoint import checkpoint_name
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
 FORWARD_TARGET = "flaxlm_cpu_attention_forward"
 BACKWARD_TARGET = "flaxlm_cpu_attention_backward"
+PACKED_FORWARD_TARGET = "flaxlm_cpu_attention_forward_packed"
+PACKED_BACKWARD_TARGET = "flaxlm_cpu_attention_backward_packed"
+_SYMBOLS = {FORWARD_TARGET: "FlaxlmAttentionForward", BACKWARD_TARGET: "FlaxlmAttentionBackward",
+            PACKED_FORWARD_TARGET: "FlaxlmAttentionForwardPacked", PACKED_BACKWARD_TARGET: "FlaxlmAttentionBackwardPacked"}
 # checkpoint_name of the forward pass's residuals: remat policies that keep them spare the backward pass a
 # second forward kernel (flaxlm.nn.transformer's 'dots' and 'dots_all' do).
 RESIDUAL_NAMES = ("attention_out", "attention_lse")
@@ -82,8 +87,8 @@ def _load() -> ctypes.CDLL | str:
         except OSError as e:
             return f"cannot build {library}: {e}"
     lib = ctypes.cdll.LoadLibrary(str(library))
-    jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(lib.FlaxlmAttentionForward), platform="cpu")
-    jax.ffi.register_ffi_target(BACKWARD_TARGET, jax.ffi.pycapsule(lib.FlaxlmAttentionBackward), platform="cpu")
+    for target, symbol in _SYMBOLS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     return lib
 
 
@@ -106,31 +111,59 @@ def unsupported_reason(q: jax.Array, k: jax.Array, v: jax.Array) -> str:
     return ""
 
 
-def _forward_call(q, k, v, is_causal):
+def _forward_call(target, operands, out_shape, is_causal):
     """-> out [B, T, H, D] and the log-sum-exp of each query row's scaled logits [B, H, T]."""
-    *lead, q_len, heads, _ = q.shape
-    shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((*lead, heads, q_len), jnp.float32))
-    call = jax.ffi.ffi_call(FORWARD_TARGET, shapes, vmap_method="broadcast_all")
-    return call(q, k, v, causal=is_causal, scale=np.float32(1.0 / math.sqrt(q.shape[-1])))
+    *lead, q_len, heads, head_dim = out_shape
+    shapes = (jax.ShapeDtypeStruct(out_shape, jnp.float32), jax.ShapeDtypeStruct((*lead, heads, q_len), jnp.float32))
+    call = jax.ffi.ffi_call(target, shapes, vmap_method="broadcast_all")
+    out, lse = call(*operands, causal=is_causal, scale=np.float32(1.0 / math.sqrt(head_dim)))
+    return tuple(checkpoint_name(x, name) for x, name in zip((out, lse), RESIDUAL_NAMES))
+
+
+def _backward_call(target, operands, grad_shapes, is_causal):
+    shapes = tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in grad_shapes)
+    call = jax.ffi.ffi_call(target, shapes, vmap_method="broadcast_all")
+    return call(*operands, causal=is_causal, scale=np.float32(1.0 / math.sqrt(grad_shapes[0][-1])))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool) -> jax.Array:
     """softmax(q k^T / sqrt(D), causal if asked) v for q [B, T, H, D], k/v [B, S, H, D] -> [B, T, H, D]."""
-    return _forward_call(q, k, v, is_causal)[0]
+    return _forward_call(FORWARD_TARGET, (q, k, v), q.shape, is_causal)[0]
 
 
 def _fused_forward(q, k, v, is_causal):
-    out, lse = _forward_call(q, k, v, is_causal)
-    out, lse = (checkpoint_name(x, name) for x, name in zip((out, lse), RESIDUAL_NAMES))
+    out, lse = _forward_call(FORWARD_TARGET, (q, k, v), q.shape, is_causal)
     return out, (q, k, v, out, lse)
 
 
 def _fused_backward(is_causal, residuals, d_out):
     q, k, v, out, lse = residuals
-    shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-    call = jax.ffi.ffi_call(BACKWARD_TARGET, shapes, vmap_method="broadcast_all")
-    return call(q, k, v, out, lse, d_out, causal=is_causal, scale=np.float32(1.0 / math.sqrt(q.shape[-1])))
+    return _backward_call(BACKWARD_TARGET, (q, k, v, out, lse, d_out), (q.shape, k.shape, v.shape), is_causal)
 
 
 fused_attention.defvjp(_fused_forward, _fused_backward)
+
+
+def _packed_out_shape(qkv):
+    return qkv.shape[:-3] + qkv.shape[-2:]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def fused_self_attention(qkv: jax.Array, is_causal: bool) -> jax.Array:
+    """fused_attention(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]) for qkv [B, T, 3, H, D], read in
+    place -> [B, T, H, D]; its gradient is one [B, T, 3, H, D] array."""
+    return _forward_call(PACKED_FORWARD_TARGET, (qkv,), _packed_out_shape(qkv), is_causal)[0]
+
+
+def _packed_forward(qkv, is_causal):
+    out, lse = _forward_call(PACKED_FORWARD_TARGET, (qkv,), _packed_out_shape(qkv), is_causal)
+    return out, (qkv, out, lse)
+
+
+def _packed_backward(is_causal, residuals, d_out):
+    qkv, out, lse = residuals
+    return _backward_call(PACKED_BACKWARD_TARGET, (qkv, out, lse, d_out), (qkv.shape,), is_causal)
+
+
+fused_self_attention.defvjp(_packed_forward, _packed_backward)

@@ -285,17 +285,18 @@ def test_unknown_remat_policy_is_an_error():
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fused attention kernel is for XLA:CPU")
 @pytest.mark.parametrize("remat, forward_kernels", [("none", 1), ("dots", 1), ("dots_all", 1), ("full", 2)])
 def test_remat_keeps_the_cpu_kernels_residuals(remat, forward_kernels):
-    """With the fused CPU attention (head_dim 8, no dropout), 'dots' and 'dots_all' keep its output and
-    log-sum-exp, so the compiled gradient runs the forward kernel once; 'full' runs it again. Results agree."""
+    """With the fused CPU attention (GPT blocks: packed qkv, head_dim 8, no dropout), 'dots' and 'dots_all' keep
+    its output and log-sum-exp, so the compiled gradient runs the forward kernel once; 'full' runs it again."""
     x = jax.random.normal(jax.random.key(3), (B, T, 16))
-    layer = lambda r: TransformerDecoderLayer(16, 2, 32, cross_attention=False, dropout_rate=0.0, rngs=r)
+    layer = lambda r: TransformerDecoderLayer(16, 2, 32, cross_attention=False, dropout_rate=0.0, fused_qkv=True,
+                                              rngs=r)
     reference = TransformerDecoder(2, layer, remat="none", rngs=nnx.Rngs(0))
     model = nnx.clone(reference)
     model.remat = remat
     grad = jax.jit(jax.value_and_grad(lambda m: (m(x, is_causal=True) ** 2).sum()))
     hlo = grad.lower(model).compile().as_text()
-    assert hlo.count('custom_call_target="flaxlm_cpu_attention_forward"') == forward_kernels
-    assert hlo.count('custom_call_target="flaxlm_cpu_attention_backward"') == 1
+    assert hlo.count('custom_call_target="flaxlm_cpu_attention_forward_packed"') == forward_kernels
+    assert hlo.count('custom_call_target="flaxlm_cpu_attention_backward_packed"') == 1
     (value, grads), (want_value, want_grads) = grad(model), grad(reference)
     np.testing.assert_allclose(value, want_value, rtol=1e-6)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flaxlm.ops import cpu_attention
-from flaxlm.ops.attention import CPU_KERNEL_SWITCH, dot_product_attention
+from flaxlm.ops.attention import CPU_KERNEL_SWITCH, dot_product_attention, dot_product_self_attention
 from flaxlm.ops.masks import causal_mask
 
 torch = pytest.importorskip("torch", reason="torch not installed: parity tests need it (pip install -e .[test])")
@@ -63,6 +63,28 @@ def test_kernel_matches_torch_sdpa(shape):
         np.testing.assert_allclose(g, ref, atol=2e-5, rtol=0, err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_kernel_equals_the_split_xla_path(causal):
+    """Self-attention on one packed qkv [B, T, 3, H, D]: the kernel reads it in place and returns one gradient."""
+    qkv = np.random.default_rng(4).standard_normal((2, 21, 3, 2, 16), dtype=np.float32)
+    cot = np.random.default_rng(5).standard_normal((2, 21, 2, 16), dtype=np.float32)
+
+    def loss(qkv, implementation):
+        out = dot_product_self_attention(qkv, is_causal=causal, implementation=implementation)
+        return jnp.sum(out * cot), out
+
+    grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+    (g, out), (ref_g, ref_out) = grad(qkv, "cpu"), grad(qkv, "xla")
+    np.testing.assert_allclose(out, ref_out, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(g, ref_g, atol=2e-5, rtol=0)
+    program = str(jax.make_jaxpr(lambda x: jax.grad(lambda x: loss(x, None)[0])(x))(qkv))
+    assert cpu_attention.PACKED_FORWARD_TARGET in program and cpu_attention.PACKED_BACKWARD_TARGET in program
+    masked = str(jax.make_jaxpr(lambda x: dot_product_self_attention(x, mask=np.ones((21, 21), bool)))(qkv))
+    assert "flaxlm_cpu_attention" not in masked
+    with pytest.raises(ValueError, match=r"\[B, T, 3, H, D\]"):
+        dot_product_self_attention(qkv[:, :, :2])
+
+
 def _uses_kernel(fn, *args) -> bool:
     return cpu_attention.FORWARD_TARGET in str(jax.make_jaxpr(fn)(*args))
 
@@ -110,10 +132,16 @@ def test_vmap_over_a_leading_axis_equals_each_slice():
         loss = lambda q, k, v: jnp.sum(dot_product_attention(q, k, v, is_causal=True, implementation="cpu") * cot)
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
+    def packed_grad(q, k, v, cot):
+        loss = lambda x: jnp.sum(dot_product_self_attention(x, is_causal=True, implementation="cpu") * cot)
+        return jax.grad(loss)(jnp.stack([q, k, v], axis=2))
+
     batched = jax.jit(jax.vmap(grads))(*stack)
+    batched_packed = jax.jit(jax.vmap(packed_grad))(*stack)
     for i in range(3):
         for g, ref in zip(batched, grads(*(x[i] for x in stack))):
             np.testing.assert_allclose(g[i], ref, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(batched_packed[i], packed_grad(*(x[i] for x in stack)), atol=1e-6, rtol=0)
 
 
 def test_a_failed_compile_falls_back_to_xla_with_the_reason(tmp_path):
