@@ -8,8 +8,8 @@ recomputes the weights from the saved log-sum-exp (as FlashAttention does). It r
 
 The kernel is compiled on first use with the C++ compiler named by $CXX (default `g++`) into
 $FLAXLM_KERNEL_CACHE (default ~/.cache/flaxlm/kernels), keyed by the source, jaxlib's version and the flags,
-and registered as FFI targets. `unavailable_reason()` says why it cannot be used ('' when it can); the
-attention op then takes the XLA path.
+and registered as FFI targets. When that fails (no compiler, an unwritable cache) the attention op takes the
+XLA path, with one RuntimeWarning per process; `unavailable_reason()` gives the reason ('' when it can run).
 
 Scope: float32 q, k, v of shape [..., T, H, D] / [..., S, H, D] with the same number of query and key/value
 heads, D a multiple of 8 and equal for q and v (or, for self-attention, one packed qkv [..., T, 3, H, D]: no
@@ -26,6 +26,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import jax
@@ -70,6 +71,15 @@ def _cache_dir() -> Path:
 
 @functools.cache
 def _load() -> ctypes.CDLL | str:
+    """The registered kernel library, or why it is unavailable (warned about once per process)."""
+    loaded = _build_and_register()
+    if isinstance(loaded, str):
+        warnings.warn(f"flaxlm: the fused CPU attention kernel is unavailable, attention takes XLA's path: {loaded}",
+                      RuntimeWarning, stacklevel=2)
+    return loaded
+
+
+def _build_and_register() -> ctypes.CDLL | str:
     """Compiles (once per source, jaxlib version and flags) and registers the kernel; an error message on failure."""
     probe = compile_command(Path("lib.so"))
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(probe).encode() + jax.lib.__version__.encode())

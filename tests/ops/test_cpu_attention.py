@@ -145,8 +145,8 @@ def test_vmap_over_a_leading_axis_equals_each_slice():
 
 
 def test_a_failed_compile_falls_back_to_xla_with_the_reason(tmp_path):
-    """With a compiler that fails, unavailable_reason() names the source and the command, and the default
-    path is the XLA one (a fresh process: the kernel is loaded once per process)."""
+    """With a compiler that fails, unavailable_reason() names the source and the command, one warning says so,
+    and the default path is the XLA one (a fresh process: the kernel is loaded once per process)."""
     script = (
         "import numpy as np, jax\n"
         "from flaxlm.ops import cpu_attention\n"
@@ -162,4 +162,5 @@ def test_a_failed_compile_falls_back_to_xla_with_the_reason(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "fell back" in done.stdout
+    assert done.stderr.count("fused CPU attention kernel is unavailable") == 1, done.stderr
     assert list(tmp_path.iterdir()) == []
