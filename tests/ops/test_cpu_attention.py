@@ -164,3 +164,24 @@ def test_a_failed_compile_falls_back_to_xla_with_the_reason(tmp_path):
     assert "fell back" in done.stdout
     assert done.stderr.count("fused CPU attention kernel is unavailable") == 1, done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fresh_cache_compiles_and_registers_the_kernel(tmp_path):
+    """On a machine without the cached library, the first use compiles it into $FLAXLM_KERNEL_CACHE, registers
+    the targets and gives the same attention as the XLA path (a fresh process, as a first run is)."""
+    script = (
+        "import numpy as np, jax\n"
+        "from flaxlm.ops import cpu_attention\n"
+        "from flaxlm.ops.attention import dot_product_attention\n"
+        "assert cpu_attention.unavailable_reason() == ''\n"
+        "q = np.random.default_rng(0).standard_normal((1, 9, 2, 8), np.float32)\n"
+        "out = dot_product_attention(q, q, q, is_causal=True, implementation='cpu')\n"
+        "ref = dot_product_attention(q, q, q, is_causal=True, implementation='xla')\n"
+        "np.testing.assert_allclose(out, ref, atol=2e-6, rtol=0)\n"
+        "print('compiled')\n"
+    )
+    env = {**os.environ, "FLAXLM_KERNEL_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "compiled" in done.stdout and "unavailable" not in done.stderr
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
