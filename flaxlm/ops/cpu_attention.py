@@ -13,9 +13,9 @@ XLA path, with one RuntimeWarning per process; `unavailable_reason()` gives the 
 
 Scope: float32 q, k, v of shape [..., T, H, D] / [..., S, H, D] with the same number of query and key/value
 heads, D a multiple of 8 and equal for q and v (or, for self-attention, one packed qkv [..., T, 3, H, D]: no
-slices of it are copied in the forward pass and its gradient is one array), optional causal masking (query t sees keys s <= t), no other
-mask, bias or dropout. Reverse-mode differentiation only (jax.grad, jax.vjp); forward mode (jax.jvp) needs the
-XLA path (`implementation='xla'`).
+slices of it are copied in the forward pass and its gradient is one array), optional causal masking (query t
+sees keys s <= t), no other mask, bias or dropout. Reverse-mode differentiation only (jax.grad, jax.vjp);
+forward mode (jax.jvp) needs the XLA path (`implementation='xla'`).
 """
 
 import ctypes
@@ -39,8 +39,12 @@ FORWARD_TARGET = "flaxlm_cpu_attention_forward"
 BACKWARD_TARGET = "flaxlm_cpu_attention_backward"
 PACKED_FORWARD_TARGET = "flaxlm_cpu_attention_forward_packed"
 PACKED_BACKWARD_TARGET = "flaxlm_cpu_attention_backward_packed"
-_SYMBOLS = {FORWARD_TARGET: "FlaxlmAttentionForward", BACKWARD_TARGET: "FlaxlmAttentionBackward",
-            PACKED_FORWARD_TARGET: "FlaxlmAttentionForwardPacked", PACKED_BACKWARD_TARGET: "FlaxlmAttentionBackwardPacked"}
+_SYMBOLS = {  # FFI target -> handler symbol in the compiled library
+    FORWARD_TARGET: "FlaxlmAttentionForward",
+    BACKWARD_TARGET: "FlaxlmAttentionBackward",
+    PACKED_FORWARD_TARGET: "FlaxlmAttentionForwardPacked",
+    PACKED_BACKWARD_TARGET: "FlaxlmAttentionBackwardPacked",
+}
 # checkpoint_name of the forward pass's residuals: remat policies that keep them spare the backward pass a
 # second forward kernel (flaxlm.nn.transformer's 'dots' and 'dots_all' do).
 RESIDUAL_NAMES = ("attention_out", "attention_lse")
@@ -79,12 +83,17 @@ def _load() -> ctypes.CDLL | str:
     return loaded
 
 
+def library_path() -> Path:
+    """Where the compiled kernel is cached: named by a hash of the source, the compile command and jaxlib's version."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(compile_command(Path("lib.so"))).encode()
+                         + jax.lib.__version__.encode())
+    return _cache_dir() / f"cpu_attention-{key.hexdigest()[:16]}.so"
+
+
 def _build_and_register() -> ctypes.CDLL | str:
     """Compiles (once per source, jaxlib version and flags) and registers the kernel; an error message on failure."""
-    probe = compile_command(Path("lib.so"))
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(probe).encode() + jax.lib.__version__.encode())
-    cache = _cache_dir()
-    library = cache / f"cpu_attention-{key.hexdigest()[:16]}.so"
+    library = library_path()
+    cache = library.parent
     if not library.exists():
         try:
             cache.mkdir(parents=True, exist_ok=True)
@@ -96,9 +105,13 @@ def _build_and_register() -> ctypes.CDLL | str:
                 os.replace(built, library)  # atomic: processes compiling at once each install a whole file
         except OSError as e:
             return f"cannot build {library}: {e}"
-    lib = ctypes.cdll.LoadLibrary(str(library))
-    for target, symbol in _SYMBOLS.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(library))
+        handlers = {target: getattr(lib, symbol) for target, symbol in _SYMBOLS.items()}
+    except (OSError, AttributeError) as e:
+        return f"cannot load {library} (delete it to rebuild): {e}"
+    for target, handler in handlers.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     return lib
 
 

@@ -185,3 +185,18 @@ def test_a_fresh_cache_compiles_and_registers_the_kernel(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "compiled" in done.stdout and "unavailable" not in done.stderr
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
+
+
+def test_a_broken_cached_library_is_reported_not_loaded(tmp_path):
+    """A damaged file where the cached library should be: the reason names it and how to rebuild."""
+    script = (
+        "from flaxlm.ops import cpu_attention\n"
+        "cpu_attention.library_path().write_bytes(b'not a library')\n"
+        "reason = cpu_attention.unavailable_reason()\n"
+        "assert 'cannot load' in reason and 'delete it to rebuild' in reason, reason\n"
+        "print('reported')\n"
+    )
+    env = {**os.environ, "FLAXLM_KERNEL_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "reported" in done.stdout
