@@ -144,6 +144,15 @@ def test_vmap_over_a_leading_axis_equals_each_slice():
         np.testing.assert_allclose(batched_packed[i], packed_grad(*(x[i] for x in stack)), atol=1e-6, rtol=0)
 
 
+def _run_in_fresh_process(script: str, cache, **env) -> subprocess.CompletedProcess:
+    """Runs `script` in a new Python with the kernel cache at `cache` (the kernel is loaded once per process);
+    asserts that it exited 0."""
+    environ = {**os.environ, "FLAXLM_KERNEL_CACHE": str(cache), **env}
+    done = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_a_failed_compile_falls_back_to_xla_with_the_reason(tmp_path):
     """With a compiler that fails, unavailable_reason() names the source and the command, one warning says so,
     and the default path is the XLA one (a fresh process: the kernel is loaded once per process)."""
@@ -158,9 +167,7 @@ def test_a_failed_compile_falls_back_to_xla_with_the_reason(tmp_path):
         "assert cpu_attention.FORWARD_TARGET not in program\n"
         "print('fell back')\n"
     )
-    env = {**os.environ, "CXX": "false", "FLAXLM_KERNEL_CACHE": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    done = _run_in_fresh_process(script, tmp_path, CXX="false")
     assert "fell back" in done.stdout
     assert done.stderr.count("fused CPU attention kernel is unavailable") == 1, done.stderr
     assert list(tmp_path.iterdir()) == []
@@ -180,9 +187,7 @@ def test_a_fresh_cache_compiles_and_registers_the_kernel(tmp_path):
         "np.testing.assert_allclose(out, ref, atol=2e-6, rtol=0)\n"
         "print('compiled')\n"
     )
-    env = {**os.environ, "FLAXLM_KERNEL_CACHE": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    done = _run_in_fresh_process(script, tmp_path)
     assert "compiled" in done.stdout and "unavailable" not in done.stderr
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
 
@@ -196,7 +201,4 @@ def test_a_broken_cached_library_is_reported_not_loaded(tmp_path):
         "assert 'cannot load' in reason and 'delete it to rebuild' in reason, reason\n"
         "print('reported')\n"
     )
-    env = {**os.environ, "FLAXLM_KERNEL_CACHE": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "reported" in done.stdout
+    assert "reported" in _run_in_fresh_process(script, tmp_path).stdout
