@@ -227,9 +227,11 @@ def _takes_cpu_kernel(q, k, v, mask, bias, use_dropout, return_weights, implemen
 
 
 def _cpu_kernel_unsupported(q, k, v, mask, bias, use_dropout, return_weights, *, automatic) -> str:
-    """Why the fused CPU kernel cannot serve this call ('' when it can). `automatic`: also require a single CPU
-    device (the kernel has no sharding rule) and the switch not set to '0'."""
-    if automatic and (jax.default_backend() != "cpu" or jax.device_count() != 1):
+    """Why the fused CPU kernel cannot serve this call ('' when it can). It needs the CPU backend; `automatic`
+    also requires a single device (the kernel has no sharding rule) and the switch not set to '0'."""
+    if jax.default_backend() != "cpu":
+        return f"the kernel runs on XLA:CPU, not on the default backend {jax.default_backend()!r}"
+    if automatic and jax.device_count() != 1:
         return "not on a single CPU device"
     if automatic and os.environ.get(CPU_KERNEL_SWITCH) == "0":
         return f"turned off by {CPU_KERNEL_SWITCH}=0"

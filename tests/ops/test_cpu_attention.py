@@ -106,6 +106,15 @@ def test_default_takes_the_kernel_only_where_it_applies(monkeypatch):
     assert _uses_kernel(lambda q, k, v: dot_product_attention(q, k, v, implementation="cpu"), q, k, v)
 
 
+def test_other_backends_never_take_the_kernel(monkeypatch):
+    """With another default backend (a GPU, faked here) the default path skips the kernel and 'cpu' says why."""
+    q, k, v, _ = _operands(2, 8, 8, 2, 8)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not _uses_kernel(lambda q, k, v: dot_product_attention(q, k, v, is_causal=True), q, k, v)
+    with pytest.raises(ValueError, match="implementation='cpu' cannot run this call: .*XLA:CPU.*'gpu'"):
+        dot_product_attention(q, k, v, implementation="cpu")
+
+
 @pytest.mark.parametrize("request_, message", [
     (dict(mask=np.ones((1, 1, 8, 8), bool)), "mask"),
     (dict(dropout_rate=0.1, dropout_key=jax.random.key(0)), "dropout"),
