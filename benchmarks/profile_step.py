@@ -119,19 +119,20 @@ def _busy_shares(intervals_by_thread: dict, start: float, stop: float) -> tuple[
 
 
 def _wall_attribution(timed: list[tuple[str, float, float]], start: float, stop: float) -> collections.Counter:
-    """Wall time (us) of [start, stop] per category: each 5 us grid cell is split evenly between the thunks
-    running in it, so two thunks side by side get half each, and cells with none go to 'idle'. timed holds
-    (category, start, end) of the thunks of that window."""
+    """Wall time (us) of [start, stop] per category: each 5 us grid cell (the last one cut at `stop`) is split
+    evenly between the thunks running in it, so two thunks side by side get half each, and cells with none go
+    to 'idle'; the parts add up to stop - start. timed holds (category, start, end) of the window's thunks."""
     grid = np.arange(start, stop, 5.0)
+    widths = np.diff(np.append(grid, stop))
     spans = [(c, np.searchsorted(grid, s), np.searchsorted(grid, e)) for c, s, e in timed]
     counts = np.zeros(len(grid), np.int32)
     for _, a, b in spans:
         counts[a:b] += 1
-    inverse = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
+    shares = widths * np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
     wall = collections.Counter()
     for c, a, b in spans:
-        wall[c] += 5.0 * float(inverse[a:b].sum())
-    wall["idle"] += 5.0 * float((counts == 0).sum())
+        wall[c] += float(shares[a:b].sum())
+    wall["idle"] += float(widths[counts == 0].sum())
     return wall
 
 

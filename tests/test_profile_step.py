@@ -74,6 +74,11 @@ def test_category(thunk, op_names, expected):
 def test_wall_attribution_splits_shared_time_and_counts_idle():
     wall = profile_step._wall_attribution([("matmul", 0.0, 10.0), ("other", 5.0, 10.0)], 0.0, 20.0)
     assert wall == {"matmul": 7.5, "other": 2.5, "idle": 10.0}
+    # A window shorter than one grid cell (a tiny step's execution) still adds up to its own length.
+    short = profile_step._wall_attribution([("matmul", 0.0, 0.03)], 0.0, 0.035)
+    assert sum(short.values()) == pytest.approx(0.035)
+    ragged = profile_step._wall_attribution([("matmul", 0.0, 12.0)], 0.0, 12.0)
+    assert ragged == {"matmul": pytest.approx(12.0), "idle": 0.0}
 
 
 def test_profile_of_a_tiny_bilstm_step_adds_up(monkeypatch):
