@@ -58,8 +58,7 @@ def dot_product_attention(
     Returns:
       out [B, T, H, Dv], or (out, weights [B, H, T, S]) when return_weights.
     """
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
+    _check_options(implementation, dropout_rate)
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     _check_qkv(q, k, v)
     batch, q_len, heads, _ = q.shape
@@ -69,8 +68,6 @@ def dot_product_attention(
     bias = _broadcastable(bias, "bias", target)
     if mask is not None and mask.dtype != jnp.bool_:
         raise ValueError(f"mask must be boolean (True = attend), got dtype {mask.dtype}; pass additive masks as bias")
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
     use_dropout = dropout_key is not None and dropout_rate > 0.0
 
     if implementation == "cudnn":
@@ -116,18 +113,25 @@ def dot_product_self_attention(
     [B, T, 3, H, D] array instead of three joined by a concatenate; every other path takes the three slices.
     Arguments and result as dot_product_attention's.
     """
+    _check_options(implementation, dropout_rate)
     qkv = jnp.asarray(qkv)
     if qkv.ndim != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must have shape [B, T, 3, H, D], got {qkv.shape}")
     use_dropout = dropout_key is not None and dropout_rate > 0.0
     part = jax.ShapeDtypeStruct(qkv.shape[:2] + qkv.shape[3:], qkv.dtype)
-    if (implementation in _IMPLEMENTATIONS and 0.0 <= dropout_rate < 1.0
-            and _takes_cpu_kernel(part, part, part, mask, bias, use_dropout, return_weights, implementation)):
+    if _takes_cpu_kernel(part, part, part, mask, bias, use_dropout, return_weights, implementation):
         with jax.named_scope("attention"):
             return cpu_attention.fused_self_attention(qkv, is_causal)
     q, k, v = (qkv[:, :, i] for i in range(3))
     return dot_product_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal, dropout_rate=dropout_rate,
                                  dropout_key=dropout_key, return_weights=return_weights, implementation=implementation)
+
+
+def _check_options(implementation: str | None, dropout_rate: float) -> None:
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
 
 
 def _check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:

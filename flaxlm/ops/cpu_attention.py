@@ -99,9 +99,10 @@ def _build_and_register() -> ctypes.CDLL | str:
             cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 built = Path(tmp) / library.name
-                done = subprocess.run(compile_command(built), capture_output=True, text=True)
+                command = compile_command(built)
+                done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode != 0:
-                    return f"compiling {SOURCE} failed ({' '.join(compile_command(built))}):\n{done.stderr[-2000:]}"
+                    return f"compiling {SOURCE} failed ({' '.join(command)}):\n{done.stderr[-2000:]}"
                 os.replace(built, library)  # atomic: processes compiling at once each install a whole file
         except OSError as e:
             return f"cannot build {library}: {e}"
